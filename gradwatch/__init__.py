@@ -1,0 +1,30 @@
+"""gradwatch: training diagnostics for PyTorch.
+
+    run = gradwatch.attach(model, optimizer)
+
+The probe (``gradwatch.probe``) needs torch; importing this package does not, so the
+collector can run in an image without it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from gradwatch.probe.run import Run
+
+
+class StopTraining(Exception):
+    """Raised by the probe at a step boundary when a `stop` action asks training to end."""
+
+
+def attach(model: Any, optimizer: Any = None, **options: Any) -> Run:
+    """Attach a probe to `model` (and `optimizer`); see `gradwatch.probe.attach`."""
+    from gradwatch.probe import attach as _attach
+
+    return _attach(model, optimizer, **options)
+
+
+__all__ = ["attach", "StopTraining", "__version__"]

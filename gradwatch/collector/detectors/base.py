@@ -1,0 +1,119 @@
+"""The uniform detector interface: observation in, alert events out.
+
+A detector is a small pure object: it keeps its own state, does no I/O and reads no clock.
+Subclasses implement `check`, which says which conditions hold *now*; the base class turns
+those into events with hysteresis: an alert fires once when its condition starts and resolves
+once when it ends, so a persisting condition never produces an alert storm.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Severity = Literal["info", "warning", "critical"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One optimizer step of a run, merged over its ranks, as every detector sees it.
+
+    Norms are plain (not squared). Per-layer tuples are aligned with `layers` and are None
+    on steps that carry no per-layer detail (the probe sends detail every `every` steps).
+    """
+
+    step: int
+    time: float = 0.0
+    loss: float | None = None
+    grad_norm: float | None = None
+    grad_norm_preclip: float | None = None
+    nonfinite_layers: int = 0
+    skipped: bool = False
+    loss_scale: float | None = None
+    lr: tuple[float, ...] = ()
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+    layer_grad_norm: tuple[float | None, ...] | None = None
+    layer_weight_norm: tuple[float, ...] | None = None
+    layer_update_ratio: tuple[float, ...] | None = None
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.scalars.get("val_loss")
+
+
+@dataclass(frozen=True)
+class AlertEvent:
+    """An alert firing (`resolved=False`) or ending (`resolved=True`) at `step`."""
+
+    kind: str
+    severity: Severity
+    step: int
+    message: str
+    layer: str | None = None
+    resolved: bool = False
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A condition that holds at this step; `key` tells apart independent conditions
+    of one detector (the layer at fault, or None for the run as a whole)."""
+
+    message: str
+    severity: Severity = "warning"
+    layer: str | None = None
+    value: float | None = None
+
+
+class DetectorSettings(BaseModel):
+    """Base of every detector's settings; each field is overridable from the config file."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    enabled: bool = True
+
+
+class Detector(ABC):
+    kind: ClassVar[str]
+    Settings: ClassVar[type[DetectorSettings]]
+
+    def __init__(self, settings: DetectorSettings | None = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+        self._active: dict[str | None, Finding] = {}
+
+    @abstractmethod
+    def check(self, obs: Observation) -> list[Finding] | None:
+        """The conditions holding at this step, or None when this step cannot tell
+        (for example a per-layer rule on a step without per-layer detail): then the
+        active alerts stay as they are."""
+
+    def observe(self, obs: Observation) -> list[AlertEvent]:
+        findings = self.check(obs)
+        if findings is None:
+            return []
+        now = {f.layer: f for f in findings}
+        events = [
+            AlertEvent(self.kind, f.severity, obs.step, f.message, f.layer, False, f.value)
+            for key, f in now.items()
+            if key not in self._active
+        ]
+        events += [
+            AlertEvent(self.kind, f.severity, obs.step, f"resolved: {f.message}", f.layer, True)
+            for key, f in self._active.items()
+            if key not in now
+        ]
+        self._active = now
+        return events
+
+    @property
+    def active(self) -> Mapping[str | None, Finding]:
+        return self._active
+
+
+def finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)

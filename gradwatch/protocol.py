@@ -1,0 +1,217 @@
+"""The wire protocol between probe and collector: one JSON object per websocket text frame.
+
+Probe -> collector: ``hello`` (once per connection, first), then any number of ``steps``
+batches, ``ack`` for actions, ``heartbeat`` when idle, ``bye`` at detach.
+Collector -> probe: ``welcome`` (answer to hello), ``action``.
+
+Norms travel squared (``*_sq``) so that the collector can *sum* the partial squared norms
+of sharded parameters (FSDP2 / DTensor) across ranks; it never averages them.
+Non-finite floats travel as the JSON constants ``NaN`` / ``Infinity`` (they are findings,
+not errors), which both Python's ``json`` and pydantic's parser accept.
+
+Errors are answered by closing the websocket with one of the close codes below and a
+reason text that says what was wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+
+# Run names and label values end up in Prometheus labels, SQLite and log lines: keep them
+# printable and bounded so no one can inject series or break the exposition format.
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$"
+LAYER_NAME_PATTERN = r"^[A-Za-z0-9_.:/\[\]<>-]{1,200}$"
+SCALAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,63}$"
+
+MAX_LAYERS = 20_000
+MAX_RECORDS_PER_BATCH = 1_000
+MAX_SCALARS = 64
+MAX_PARAM_GROUPS = 256
+MAX_TAGS = 32
+
+# Close codes (RFC 6455 ranges; 4000-4999 are for applications).
+CLOSE_INVALID_MESSAGE = 1007  # the payload did not validate
+CLOSE_POLICY = 1008  # protocol misuse: no hello first, wrong run, rate limit
+CLOSE_TOO_BIG = 1009  # frame larger than the collector's limit
+CLOSE_UNSUPPORTED_VERSION = 4001
+CLOSE_UNAUTHORIZED = 4003
+CLOSE_SHUTDOWN = 1001
+
+RunName = Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
+LayerName = Annotated[str, Field(pattern=LAYER_NAME_PATTERN)]
+ScalarName = Annotated[str, Field(pattern=SCALAR_NAME_PATTERN)]
+TagValue = Annotated[str, Field(max_length=200)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+Count = Annotated[int, Field(ge=0)]
+
+ActionKind = Literal["reduce_lr", "skip_step", "checkpoint", "stop"]
+AlertKind = Literal[
+    "nonfinite",
+    "exploding_gradients",
+    "vanishing_gradients",
+    "dead_layer",
+    "loss_spike",
+    "plateau",
+    "overfitting",
+    "amp_scale_collapse",
+    "update_ratio",
+    "run_lost",
+    "rank_lost",
+]
+ALERT_KINDS: tuple[str, ...] = AlertKind.__args__  # type: ignore[attr-defined]
+ACTION_KINDS: tuple[str, ...] = ActionKind.__args__  # type: ignore[attr-defined]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants", frozen=True)
+
+
+class Hello(_Message):
+    """First message of every connection: who is talking and the layout of its vectors."""
+
+    type: Literal["hello"] = "hello"
+    v: int
+    run: RunName
+    rank: Count = 0
+    world_size: Annotated[int, Field(ge=1, le=65_536)] = 1
+    # True when parameters are sharded across ranks: per-layer squared norms are partial
+    # and the collector sums them over ranks. False (DDP, single process): every rank
+    # sees the same gradients and the collector reads them from the lowest rank.
+    sharded: bool = False
+    layers: Annotated[list[LayerName], Field(max_length=MAX_LAYERS)]
+    param_groups: Annotated[int, Field(ge=0, le=MAX_PARAM_GROUPS)] = 0
+    actions: bool = False
+    every: Annotated[int, Field(ge=1)] = 1
+    host: Annotated[str, Field(max_length=255)] = ""
+    pid: Count = 0
+    started: float = 0.0
+    tags: Annotated[dict[ScalarName, TagValue], Field(max_length=MAX_TAGS)] = {}
+
+
+class StepRecord(_Message):
+    """Everything the probe measured at one optimizer step (or one backward, without an optimizer)."""
+
+    step: Count
+    time: float
+    step_time: NonNegative | None = None  # seconds since the previous record
+    loss: float | None = None  # mean over the micro-batches of this step
+    grad_norm_sq: float | None = None  # squared global gradient norm the optimizer saw
+    grad_norm_preclip: float | None = None  # total norm returned by clip_grad_norm_
+    nonfinite_layers: Count = 0  # layers whose gradient holds a NaN or an inf
+    skipped: bool = False  # the optimizer step was skipped (AMP overflow or a skip_step action)
+    loss_scale: float | None = None
+    lr: Annotated[list[float], Field(max_length=MAX_PARAM_GROUPS)] = []
+    momentum: Annotated[list[float | None], Field(max_length=MAX_PARAM_GROUPS)] = []
+    weight_decay: Annotated[list[float | None], Field(max_length=MAX_PARAM_GROUPS)] = []
+    scalars: Annotated[dict[ScalarName, float], Field(max_length=MAX_SCALARS)] = {}
+    # Per-layer detail, aligned with Hello.layers; only on every `every`-th step.
+    # A None gradient entry means the trainable layer got no gradient at all.
+    layer_grad_sq: Annotated[list[float | None], Field(max_length=MAX_LAYERS)] | None = None
+    layer_weight_sq: Annotated[list[float], Field(max_length=MAX_LAYERS)] | None = None
+    layer_update_sq: Annotated[list[float], Field(max_length=MAX_LAYERS)] | None = None
+
+
+class Steps(_Message):
+    type: Literal["steps"] = "steps"
+    records: Annotated[list[StepRecord], Field(max_length=MAX_RECORDS_PER_BATCH)]
+    dropped: Count = 0  # records the probe had to drop since its last report
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    time: float
+
+
+class Ack(_Message):
+    """The probe's answer to an action: applied at `step`, or refused with a reason."""
+
+    type: Literal["ack"] = "ack"
+    id: Annotated[str, Field(max_length=64)]
+    kind: ActionKind
+    step: Count
+    outcome: Literal["applied", "refused"]
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+class Bye(_Message):
+    type: Literal["bye"] = "bye"
+    status: Literal["finished", "stopped", "crashed"] = "finished"
+    reason: Annotated[str, Field(max_length=500)] = ""
+    dropped: Count = 0  # records dropped over the whole run
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    v: int = PROTOCOL_VERSION
+    run: RunName
+    actions: bool = False  # the collector has an actions policy for this run
+
+
+class Action(_Message):
+    """An instruction from the collector; the probe applies it at the first boundary >= step."""
+
+    type: Literal["action"] = "action"
+    id: Annotated[str, Field(max_length=64)]
+    kind: ActionKind
+    step: Count
+    params: dict[str, float | str | bool] = {}
+    reason: Annotated[str, Field(max_length=500)] = ""
+
+
+ProbeMessage = Annotated[Union[Hello, Steps, Heartbeat, Ack, Bye], Field(discriminator="type")]
+CollectorMessage = Annotated[Union[Welcome, Action], Field(discriminator="type")]
+
+_probe_adapter: TypeAdapter[Hello | Steps | Heartbeat | Ack | Bye] = TypeAdapter(ProbeMessage)
+_collector_adapter: TypeAdapter[Welcome | Action] = TypeAdapter(CollectorMessage)
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; `code` is the websocket close code to answer with."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "message"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid {where}: {first['msg']}{more}"
+
+
+def decode_probe_message(data: str | bytes) -> Hello | Steps | Heartbeat | Ack | Bye:
+    """Parse and validate one frame from a probe; raise ProtocolError with a clear reason."""
+    try:
+        return _probe_adapter.validate_json(data)
+    except ValidationError as err:
+        raise ProtocolError(CLOSE_INVALID_MESSAGE, _describe(err)) from None
+
+
+def decode_collector_message(data: str | bytes) -> Welcome | Action:
+    try:
+        return _collector_adapter.validate_json(data)
+    except ValidationError as err:
+        raise ProtocolError(CLOSE_INVALID_MESSAGE, _describe(err)) from None
+
+
+def check_version(hello: Hello) -> None:
+    if hello.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            CLOSE_UNSUPPORTED_VERSION,
+            f"protocol version {hello.v} is not supported; this collector speaks {PROTOCOL_VERSION}"
+            " (upgrade the older of probe and collector)",
+        )
+
+
+def encode(message: _Message) -> str:
+    return message.model_dump_json(exclude_defaults=False)
+
+
+def to_jsonable(message: _Message) -> dict[str, Any]:
+    return message.model_dump(mode="json")
