@@ -7,14 +7,13 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Each module defines
-#   add_arguments(parser: argparse.ArgumentParser) -> None
-#   main(args: argparse.Namespace) -> int
+# name -> ("module" or "module:prefix", one-line help). The module defines
+#   add_arguments(parser) / main(args) -> int, or {prefix}_arguments / {prefix}_main.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gradwatch.demo", "run short real trainings with injected pathologies against an embedded collector"),
     "collector": ("gradwatch.collector.cli", "start the collector daemon (websocket ingest, detectors, /metrics)"),
-    "runs": ("gradwatch.collector.query", "list the runs a collector knows"),
-    "alerts": ("gradwatch.collector.query_alerts", "show the alert history of a collector, optionally for one run"),
+    "runs": ("gradwatch.collector.query:runs", "list the runs a collector knows"),
+    "alerts": ("gradwatch.collector.query:alerts", "show the alert history of a collector, optionally for one run"),
     "ingest": ("gradwatch.collector.ingest", "replay an offline JSONL spool (GRADWATCH_URL=file:PATH) into a collector"),
     "dashboards": ("gradwatch.dashboards.cli", "build or push the Grafana dashboards"),
     "up": ("gradwatch.stack", "start collector + Prometheus + Alertmanager on this machine (no containers)"),
@@ -32,11 +31,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if argv and argv[0] != name and argv[0] not in ("-h", "--help"):
             sub.add_parser(name, help=help_text)  # only the chosen command's module is imported
             continue
-        module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+        module_path, _, prefix = module_name.partition(":")
+        module = importlib.import_module(module_path)
+        add_arguments = getattr(module, f"{prefix}_arguments" if prefix else "add_arguments")
+        run = getattr(module, f"{prefix}_main" if prefix else "main")
+        p = sub.add_parser(name, help=help_text, description=(run.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(_main=module.main)
+        add_arguments(p)
+        p.set_defaults(_main=run)
     return parser
 
 
