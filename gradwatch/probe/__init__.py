@@ -1,0 +1,55 @@
+"""The probe: lives inside the training process, measures, and never gets in the way.
+
+    import gradwatch
+    run = gradwatch.attach(model, optimizer)   # or: from gradwatch import probe; probe.attach(...)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gradwatch.probe.run import Run
+
+__all__ = ["attach", "Run"]
+
+
+def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | "DisabledRun":
+    """Attach a probe to `model` (and `optimizer`, if there is one) and return its `Run`.
+
+    Options (all keywords): ``scaler`` (a GradScaler, for loss scale and skipped steps),
+    ``name`` (run name; default $GRADWATCH_RUN or script-time-pid), ``url`` (default
+    $GRADWATCH_URL or ws://127.0.0.1:8765; ``file:PATH`` writes a JSONL spool),
+    ``every`` (per-layer detail every N optimizer steps, default 10), ``layers``
+    ('param', 'module', a prefix depth, or a compiled regex), ``loss_fn`` (a loss module
+    whose output is the loss), ``actions`` (accept actions from the collector, default
+    False), ``on_checkpoint`` (callback for the checkpoint action), ``stop`` ('raise' or
+    'flag'), ``tags``, ``token`` (default $GRADWATCH_TOKEN), ``update_ratio`` (measure
+    ||Δw||/||w|| on detail steps, default True), ``buffer`` (steps kept while the
+    collector is unreachable, default 10000).
+
+    With GRADWATCH_DISABLE=1 nothing is hooked and the returned run does nothing.
+    """
+    if os.environ.get("GRADWATCH_DISABLE", "").lower() in ("1", "true", "yes"):
+        return DisabledRun()
+    return Run(model, optimizer, **options)
+
+
+class DisabledRun:
+    """What `attach` returns under GRADWATCH_DISABLE=1: the Run API, doing nothing."""
+
+    should_stop = False
+    dropped = 0
+    step = 0
+
+    def log(self, **values: Any) -> None:
+        pass
+
+    def detach(self, status: str = "finished", reason: str = "") -> None:
+        pass
+
+    def __enter__(self) -> "DisabledRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass

@@ -1,0 +1,165 @@
+"""Actions from the collector, applied by the probe at an optimizer-step boundary.
+
+Nothing here does anything unless the run was attached with ``actions=True``: with actions
+off, messages from the collector are ignored and training cannot be changed by them.
+
+- ``reduce_lr``: a persistent factor on every param group's LR, applied just for the
+  duration of ``optimizer.step`` and undone right after it, so LR schedulers (cosine,
+  OneCycle, warm-up, chainable ones) keep computing their own schedule and never erase it.
+- ``skip_step``: arms a local guard (``params.on`` names the alert kind) that skips the
+  optimizer step whose gradients are non-finite (``nonfinite``) or spike far above the
+  recent median (``loss_spike``, ``exploding_gradients``): parameters and optimizer state
+  stay untouched. Deciding needs the gradient norm on the host, so an armed guard costs one
+  device sync per step; unarmed it costs nothing. Under GradScaler, overflowing steps are
+  already skipped by the scaler and the guard sees only finite gradients.
+- ``checkpoint``: calls the ``on_checkpoint(step)`` callback given to ``attach``.
+- ``stop``: raises ``gradwatch.StopTraining`` at the next step boundary (``stop="raise"``)
+  or sets ``run.should_stop`` (``stop="flag"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gradwatch import StopTraining, protocol
+
+if TYPE_CHECKING:
+    from gradwatch.probe.run import Run
+
+log = logging.getLogger("gradwatch.probe")
+
+SPIKE_FACTOR = 10.0  # a gradient norm this many times the recent median is a spike
+SPIKE_WINDOW = 64
+
+
+class ActionState:
+    def __init__(
+        self, run: Run, *, enabled: bool, on_checkpoint: Callable[[int], Any] | None, stop_mode: str
+    ) -> None:
+        self._run = run
+        self.enabled = enabled
+        self._on_checkpoint = on_checkpoint
+        self._stop_mode = stop_mode
+        self._inbox: deque[protocol.Action] = deque()
+        self.lr_factor = 1.0
+        self.min_lr = 0.0
+        self._saved_lr: list[Any] | None = None
+        self.skip_on: set[str] = set()
+        self._recent_norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self.stopped_reason = ""
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    # background thread
+    def receive(self, action: protocol.Action) -> None:
+        if self.enabled:
+            self._inbox.append(action)
+
+    # ---- training thread --------------------------------------------------------------
+
+    def install(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wraps `optimizer.step` (instance attribute, removed at detach) so an armed
+        skip guard can skip a whole step; only with actions on."""
+        if not self.enabled:
+            return
+        self._optimizer = optimizer
+        original = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if self.skip_on and self._should_skip():
+                self._run._record_skipped_step()
+                return None
+            return original(*args, **kwargs)
+
+        optimizer.step = step  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        if self._optimizer is not None and "step" in vars(self._optimizer):
+            del self._optimizer.step
+        self._optimizer = None
+
+    def at_step_boundary(self, step: int) -> None:
+        """Applies every action due at or before `step` (the step about to be taken)."""
+        if self.should_stop_now():
+            raise StopTraining(self.stopped_reason)
+        while self._inbox and self._inbox[0].step <= step + 1:
+            self._apply(self._inbox.popleft(), step + 1)
+        if self.should_stop_now():
+            raise StopTraining(self.stopped_reason)
+
+    def should_stop_now(self) -> bool:
+        return bool(self.stopped_reason) and self._stop_mode == "raise"
+
+    def scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.lr_factor == 1.0:
+            return
+        self._saved_lr = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            floor = min(self.min_lr, lr)
+            group["lr"] = max(lr * self.lr_factor, floor)
+
+    def restore_lr(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self._saved_lr is None or optimizer is None:
+            return
+        for group, lr in zip(optimizer.param_groups, self._saved_lr):
+            group["lr"] = lr
+        self._saved_lr = None
+
+    def _apply(self, action: protocol.Action, step: int) -> None:
+        try:
+            outcome, reason = self._dispatch(action, step)
+        except StopTraining:
+            raise
+        except Exception as err:  # a user callback (checkpoint) may fail in any way
+            outcome, reason = "refused", f"{type(err).__name__}: {err}"
+        log.warning("gradwatch: action %s at step %d: %s%s", action.kind, step, outcome, f" ({reason})" if reason else "")
+        self._run._transport.submit(
+            protocol.Ack(id=action.id, kind=action.kind, step=step, outcome=outcome, reason=reason[:500])
+        )
+
+    def _dispatch(self, action: protocol.Action, step: int) -> tuple[str, str]:
+        params = action.params
+        if action.kind == "reduce_lr":
+            factor = float(params.get("factor", 0.5))
+            if not 0.0 < factor <= 1.0:
+                return "refused", f"factor {factor} is not in (0, 1]"
+            self.lr_factor *= factor
+            self.min_lr = max(self.min_lr, float(params.get("min_lr", 0.0)))
+            return "applied", f"LR factor is now {self.lr_factor:g}"
+        if action.kind == "skip_step":
+            on = str(params.get("on", "nonfinite"))
+            self.skip_on.add(on)
+            return "applied", f"skipping steps on {on}"
+        if action.kind == "checkpoint":
+            if self._on_checkpoint is None:
+                return "refused", "no on_checkpoint callback was given to gradwatch.attach"
+            self._on_checkpoint(step)
+            return "applied", ""
+        if action.kind == "stop":
+            self._run.should_stop = True
+            self.stopped_reason = action.reason or "stopped by the collector"
+            return "applied", self.stopped_reason
+        return "refused", f"unknown action {action.kind}"
+
+    def _should_skip(self) -> bool:
+        grads = [p.grad for p in self._run._layers.params if p.grad is not None]
+        if not grads:
+            return False
+        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))))
+        if not math.isfinite(norm):
+            return "nonfinite" in self.skip_on
+        spike = (
+            len(self._recent_norms) >= 8
+            and norm > SPIKE_FACTOR * statistics.median(self._recent_norms)
+            and bool(self.skip_on & {"loss_spike", "exploding_gradients"})
+        )
+        if not spike:
+            self._recent_norms.append(norm)
+        return spike

@@ -1,0 +1,60 @@
+"""Device -> host handoff of packed vectors without making the training thread wait.
+
+On CUDA the vector is copied with ``non_blocking=True`` into a slot of a pinned host ring
+and a CUDA event is recorded behind the copy; the background thread waits on that event
+(a host wait on *its* thread) and then reads the slot. The training thread never calls
+``.item()``/``.tolist()``. On the CPU the vector already lives on the host.
+When every slot is still waiting to be read, the step's vector is dropped and counted:
+training never waits for the probe.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Pending:
+    """A packed vector in flight to the host."""
+
+    tensor: torch.Tensor
+    event: torch.cuda.Event | None = None
+    slot: int = -1
+
+
+class Handoff:
+    def __init__(self, length: int, dtype: torch.dtype, device: torch.device, slots: int = 64) -> None:
+        self.device = device
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._ring: torch.Tensor | None = None
+        if device.type == "cuda":
+            self._ring = torch.empty((slots, length), dtype=dtype, pin_memory=True)
+            self._free = list(range(slots))
+
+    def put(self, vec: torch.Tensor) -> Pending | None:
+        """Training thread: start moving `vec` to the host; None when the ring is full."""
+        if self._ring is None:
+            return Pending(vec if vec.device.type == "cpu" else vec.to("cpu"))
+        with self._lock:
+            if not self._free:
+                return None
+            slot = self._free.pop()
+        host = self._ring[slot]
+        host.copy_(vec, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(host, event, slot)
+
+    def read(self, pending: Pending) -> list[float]:
+        """Background thread: wait for the copy, read the values, release the slot."""
+        if pending.event is not None:
+            pending.event.synchronize()
+        values = pending.tensor.tolist()
+        if pending.slot >= 0:
+            with self._lock:
+                self._free.append(pending.slot)
+        return values

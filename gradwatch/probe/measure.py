@@ -1,0 +1,155 @@
+"""The probe's hot path: pure tensor code, no I/O, no host-device synchronisation.
+
+Each optimizer step fills one packed float vector on the model's device:
+
+    [ grad_sq[L] | weight_sq[L] | update_sq[L] | loss, loss_scale, preclip_norm, found_inf ]
+
+Squared norms per layer come from one ``torch._foreach_norm`` per (device, dtype) group
+followed by an ``index_add_`` into the layer slots; nothing leaves the device here. The
+background thread later reads the whole vector at once (see ``handoff``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradwatch.probe.layers import LayerMap, TensorGroup
+
+EXTRAS = ("loss", "loss_scale", "preclip_norm", "found_inf")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets into the packed vector."""
+
+    layers: int
+
+    @property
+    def length(self) -> int:
+        return 3 * self.layers + len(EXTRAS)
+
+    def grad(self) -> slice:
+        return slice(0, self.layers)
+
+    def weight(self) -> slice:
+        return slice(self.layers, 2 * self.layers)
+
+    def update(self) -> slice:
+        return slice(2 * self.layers, 3 * self.layers)
+
+    def extra(self, name: str) -> int:
+        return 3 * self.layers + EXTRAS.index(name)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    # FSDP2 / DTensor: measure this rank's shard; the collector sums partial squares.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # Reduced-precision tensors accumulate in fp32; fp64 keeps its own precision.
+    return None if dtype == torch.float64 else torch.float32
+
+
+def _vector_dtype(device: torch.device) -> torch.dtype:
+    # fp64 so that squared norms of exploding gradients (norm > 1.8e19) do not overflow
+    # into a false "non-finite"; MPS has no fp64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+class Measurer:
+    """Computes per-layer squared norms of gradients, weights and updates into a packed vector."""
+
+    def __init__(self, layer_map: LayerMap, home: torch.device) -> None:
+        self.layer_map = layer_map
+        self.layout = Layout(len(layer_map))
+        self.home = home
+        self.dtype = _vector_dtype(home)
+        self._snapshot: list[list[torch.Tensor]] | None = None
+        self._index_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    def new_vector(self) -> torch.Tensor:
+        return torch.zeros(self.layout.length, dtype=self.dtype, device=self.home)
+
+    def _add_norms(
+        self, out: torch.Tensor, group_index: int, group: TensorGroup, tensors: list[torch.Tensor], missing: tuple[int, ...]
+    ) -> None:
+        if not tensors:
+            return
+        norms = torch._foreach_norm(tensors, 2, dtype=_norm_dtype(group.dtype))
+        squares = torch.stack(norms).to(self.dtype).square()
+        index = group.layer_index if not missing else self._subset_index(group_index, group, missing)
+        out.index_add_(0, index.to(self.home, non_blocking=True), squares.to(self.home, non_blocking=True))
+
+    def _subset_index(self, group_index: int, group: TensorGroup, missing: tuple[int, ...]) -> torch.Tensor:
+        key = (group_index, missing)
+        index = self._index_cache.get(key)
+        if index is None:
+            skip = set(missing)
+            ids = [layer for i, layer in enumerate(group.layer_ids) if i not in skip]
+            index = torch.tensor(ids, dtype=torch.long, device=group.device)
+            if len(self._index_cache) < 64:
+                self._index_cache[key] = index
+        return index
+
+    @torch.no_grad()
+    def grads(self, vec: torch.Tensor, grads: list[torch.Tensor | None] | None = None) -> set[int]:
+        """Adds the per-layer squared gradient norms into `vec`; returns the ids of layers
+        that have at least one gradient (a trainable layer absent from it got none).
+
+        `grads` (aligned with ``layer_map.params``) overrides ``p.grad``; the gradient
+        hooks of a model without an optimizer pass the gradients of one backward."""
+        out = vec[self.layout.grad()]
+        present: set[int] = set()
+        offset = 0
+        for gi, group in enumerate(self.layer_map.groups):
+            n = len(group.params)
+            chosen = grads[offset : offset + n] if grads is not None else [p.grad for p in group.params]
+            offset += n
+            tensors = []
+            missing = []
+            for i, g in enumerate(chosen):
+                if g is None:
+                    missing.append(i)
+                else:
+                    tensors.append(_local(g))
+                    present.add(group.layer_ids[i])
+            self._add_norms(out, gi, group, tensors, tuple(missing))
+        return present
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copies the weights before the update so that ||Δw|| can be measured after it.
+        The buffers are allocated once, on the first step that reports per-layer detail."""
+        if self._snapshot is None:
+            self._snapshot = [[torch.empty_like(_local(p)) for p in g.params] for g in self.layer_map.groups]
+        for buffers, group in zip(self._snapshot, self.layer_map.groups):
+            torch._foreach_copy_(buffers, [_local(p) for p in group.params])
+
+    @torch.no_grad()
+    def weights_and_updates(self, vec: torch.Tensor, with_updates: bool) -> None:
+        """Adds per-layer squared weight norms and, after `snapshot`, squared update norms."""
+        weight_out = vec[self.layout.weight()]
+        update_out = vec[self.layout.update()]
+        for gi, group in enumerate(self.layer_map.groups):
+            params = [_local(p) for p in group.params]
+            self._add_norms(weight_out, gi, group, params, ())
+            if with_updates and self._snapshot is not None:
+                # In place: the snapshot becomes w_before - w_after, whose norm is ||Δw||.
+                torch._foreach_sub_(self._snapshot[gi], params)
+                self._add_norms(update_out, gi, group, self._snapshot[gi], ())
+
+    def set_extra(self, vec: torch.Tensor, name: str, value: torch.Tensor | float) -> None:
+        i = self.layout.extra(name)
+        if isinstance(value, torch.Tensor):
+            vec[i : i + 1].copy_(value.detach().reshape(1), non_blocking=True)
+        else:
+            vec[i] = value
+
+    @torch.no_grad()
+    def unscale_grads(self, vec: torch.Tensor, scale: torch.Tensor) -> None:
+        """Fused optimizers under GradScaler see gradients still multiplied by the scale."""
+        vec[self.layout.grad()].div_(scale.detach().to(self.home, self.dtype, non_blocking=True).square())

@@ -1,0 +1,460 @@
+"""A `Run`: the probe attached to one model (and optimizer) in a training process.
+
+Where the measurements are taken (the gradients the optimizer actually sees):
+
+- optimizer step pre-hook: gradients are final here (after accumulation, after DDP's
+  all-reduce, after GradScaler's unscale); fused optimizers under GradScaler still hold
+  scaled gradients, so the packed norms are divided by the scale on the device;
+- optimizer step post-hook: weights and ||Δw|| on detail steps; LBFGS (a closure) is
+  measured here, after the closure ran;
+- GradScaler.update: a step whose optimizer.step was skipped for an overflow fires no
+  optimizer hook, so the skip is recorded there;
+- without an optimizer, a multi-gradient hook records every backward.
+
+All hooks are wrapped so that an internal error disables the probe, never training,
+and ``torch.compiler.disable`` keeps them out of compiled graphs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from gradwatch import StopTraining, protocol
+from gradwatch.probe import clip
+from gradwatch.probe.actions import ActionState
+from gradwatch.probe.handoff import Handoff, Pending
+from gradwatch.probe.layers import LayerMap, LayerSpec
+from gradwatch.probe.measure import Measurer
+from gradwatch.probe.transport import Transport
+
+log = logging.getLogger("gradwatch.probe")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _hook(method: F) -> F:
+    """Runs a probe hook so that nothing but a requested StopTraining can escape it."""
+
+    @functools.wraps(method)
+    def guarded(self: Run, *args: Any, **kwargs: Any) -> None:
+        if self._broken:
+            return None
+        try:
+            method(self, *args, **kwargs)
+        except StopTraining:
+            raise
+        except Exception:
+            self._broken = True
+            log.exception("gradwatch: the probe hit an internal error and switched itself off; training continues")
+        return None  # a step pre-hook that returns a value would replace the step's arguments
+
+    return torch.compiler.disable(guarded)  # type: ignore[return-value]
+
+
+@dataclass
+class _StepMeta:
+    """Host-side facts of a step, known without reading the device."""
+
+    step: int
+    time: float
+    step_time: float | None
+    detail: bool
+    with_updates: bool
+    present: set[int]
+    skipped: bool = False
+    has_loss: bool = False
+    has_scale: bool = False
+    has_preclip: bool = False
+    has_found_inf: bool = False
+    lr: list[float] = field(default_factory=list)
+    momentum: list[float | None] = field(default_factory=list)
+    weight_decay: list[float | None] = field(default_factory=list)
+    scalars: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().reshape(-1)[0]) if value.numel() else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    """The training loss inside a forward's output: a 0-dim tensor, a tuple holding one,
+    or a dict / ModelOutput with a `loss`."""
+    if isinstance(output, torch.Tensor):
+        return output if output.ndim == 0 and output.is_floating_point() else None
+    if isinstance(output, Mapping):
+        return _loss_of(output.get("loss"))
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return _loss_of(loss)
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            if isinstance(item, torch.Tensor) and item.ndim == 0 and item.is_floating_point():
+                return item
+    return None
+
+
+def _default_run_name() -> str:
+    import __main__
+
+    stem = os.path.splitext(os.path.basename(getattr(__main__, "__file__", "") or "python"))[0] or "run"
+    # All ranks of a distributed job must pick the same name without talking to each other.
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and job != "none":
+        return protocol_safe(f"{stem}-{job}")
+    if "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return protocol_safe(f"{stem}-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}")
+    return protocol_safe(f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def protocol_safe(name: str) -> str:
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._:@+-]", "-", name).lstrip("._:@+-")
+    return (cleaned or "run")[:128]
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
+
+
+class Run:
+    """The handle `gradwatch.attach` returns: `log()`, `detach()`, usable as a context manager.
+
+    `should_stop` turns True when the collector's `stop` action arrives (actions=True)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        scaler: Any = None,
+        name: str | None = None,
+        url: str | None = None,
+        every: int = 10,
+        actions: bool = False,
+        tags: Mapping[str, str] | None = None,
+        layers: LayerSpec = "param",
+        loss_fn: torch.nn.Module | None = None,
+        on_checkpoint: Callable[[int], Any] | None = None,
+        stop: str = "raise",
+        token: str | None = None,
+        update_ratio: bool = True,
+        buffer: int = 10_000,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"every={every}: per-layer detail needs every >= 1 (1 = every step)")
+        if stop not in ("raise", "flag"):
+            raise ValueError(f"stop={stop!r}: use 'raise' (StopTraining at the next step) or 'flag' (run.should_stop)")
+        self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or _default_run_name())
+        self.url = url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765"
+        self.every = every
+        self.should_stop = False
+        self._broken = False
+        self._detached = False
+        self._lock = threading.Lock()
+
+        self.model = model
+        self.optimizer = optimizer
+        self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+        self.rank, self.world_size = _distributed()
+        self.sharded = any(_is_sharded(p) for p in model.parameters())
+        self._layers = LayerMap(model, layers, contributes=self._contributes)
+        self._param_ids = {id(p) for p in model.parameters()}
+        first = next(iter(model.parameters()), None)
+        home = first.device if first is not None else torch.device("cpu")
+        self._measure = Measurer(self._layers, home)
+        self._handoff = Handoff(self._measure.layout.length, self._measure.dtype, home)
+        self._update_ratio = update_ratio
+
+        self.step = 0  # optimizer steps recorded so far
+        self._last_record = time.perf_counter()
+        self._losses: list[torch.Tensor | float] = []
+        self._logged_losses: list[torch.Tensor | float] = []
+        self._scalars: dict[str, Any] = {}
+        self._preclip: torch.Tensor | None = None
+        self._stepped_since_update = False
+        self._pending: tuple[torch.Tensor, _StepMeta] | None = None
+
+        self._actions = ActionState(self, enabled=actions, on_checkpoint=on_checkpoint, stop_mode=stop)
+        hello = protocol.Hello(
+            v=protocol.PROTOCOL_VERSION,
+            run=self.name,
+            rank=self.rank,
+            world_size=self.world_size,
+            sharded=self.sharded,
+            layers=self._layers.names,
+            param_groups=len(optimizer.param_groups) if optimizer is not None else 0,
+            actions=actions,
+            every=every,
+            host=socket.gethostname()[:255],
+            pid=os.getpid(),
+            started=time.time(),
+            tags=dict(tags or {}),
+        )
+        self._transport = Transport(
+            self.url,
+            hello,
+            self._actions.receive,
+            token=token or os.environ.get("GRADWATCH_TOKEN"),
+            max_records=buffer,
+        )
+        self._handles: list[Any] = []
+        self._install_hooks(loss_fn)
+        clip.subscribe(self)
+        atexit.register(self.detach)
+        log.info(
+            "gradwatch: watching %d tensors in %d layers of run %r (rank %d/%d) -> %s",
+            len(self._layers.param_names), len(self._layers), self.name, self.rank, self.world_size, self.url,
+        )
+
+    # ---- public API -------------------------------------------------------------------
+
+    def log(self, **values: float | torch.Tensor) -> None:
+        """Report values the probe cannot see (validation loss, accuracy, ...); they travel
+        with the next optimizer step. `loss=` overrides the loss captured from forward."""
+        if self._detached:
+            return
+        for key, value in values.items():
+            if key == "loss":
+                self._logged_losses.append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+            elif len(self._scalars) < protocol.MAX_SCALARS or key in self._scalars:
+                self._scalars[protocol_safe(key).replace("-", "_")] = (
+                    value.detach() if isinstance(value, torch.Tensor) else value
+                )
+
+    def detach(self, status: str = "finished", reason: str = "") -> None:
+        """Flush, unhook, say goodbye to the collector. Idempotent; also runs at exit."""
+        with self._lock:
+            if self._detached:
+                return
+            self._detached = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._actions.uninstall()
+        if self.scaler is not None and "update" in vars(self.scaler):
+            del self.scaler.update
+        clip.unsubscribe(self)
+        atexit.unregister(self.detach)
+        if self._actions.stopped_reason:
+            status, reason = "stopped", self._actions.stopped_reason
+        self._transport.close(status=status, reason=reason)
+        if self._transport.dropped:
+            log.warning("gradwatch: run %r dropped %d steps in total", self.name, self._transport.dropped)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None or exc_type is StopTraining:
+            self.detach()
+        else:
+            self.detach(status="crashed", reason=f"{exc_type.__name__}: {exc}"[:500])
+
+    @property
+    def dropped(self) -> int:
+        return self._transport.dropped
+
+    # ---- hooks ------------------------------------------------------------------------
+
+    def _install_hooks(self, loss_fn: torch.nn.Module | None) -> None:
+        source = loss_fn if loss_fn is not None else self.model
+        self._handles.append(source.register_forward_hook(self._on_forward))
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
+            self._actions.install(self.optimizer)
+        elif self._layers.params:
+            self._handles.append(
+                torch.autograd.graph.register_multi_grad_hook(self._layers.params, self._on_backward, mode="all")
+            )
+        if self.scaler is not None:
+            original_update = self.scaler.update
+
+            def update(*args: Any, **kwargs: Any) -> Any:
+                self._before_scaler_update()
+                return original_update(*args, **kwargs)
+
+            self.scaler.update = update
+
+    def _contributes(self, p: torch.Tensor) -> bool:
+        # Sharded runs sum partial squares over ranks: a tensor replicated on every rank
+        # is counted on rank 0 only.
+        return not self.sharded or _is_sharded(p) or self.rank == 0
+
+    def on_clip(self, params: list[torch.Tensor], total_norm: torch.Tensor) -> None:
+        if params and id(params[0]) in self._param_ids:
+            self._preclip = total_norm.detach()
+
+    @_hook
+    def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or not self.model.training:
+            return
+        loss = _loss_of(output)
+        if loss is not None and len(self._losses) < 1024:
+            self._losses.append(loss.detach())
+
+    @_hook
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._actions.at_step_boundary(self.step)
+        self._actions.scale_lr(optimizer)
+        detail = self.step % self.every == 0
+        with_updates = detail and self._update_ratio
+        vec = self._measure.new_vector()
+        meta = self._new_meta(detail, with_updates)
+        if with_updates:
+            self._measure.snapshot()
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:  # LBFGS-style optimizers compute their gradients inside step
+            self._measure_grads(vec, meta)
+            grad_scale = getattr(optimizer, "grad_scale", None)
+            if isinstance(grad_scale, torch.Tensor):
+                self._measure.unscale_grads(vec, grad_scale)
+            found_inf = getattr(optimizer, "found_inf", None)
+            if isinstance(found_inf, torch.Tensor):
+                self._measure.set_extra(vec, "found_inf", found_inf)
+                meta.has_found_inf = True
+        self._pending = (vec, meta)
+
+    @_hook
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._actions.restore_lr(optimizer)
+        if self._pending is None:
+            return
+        vec, meta = self._pending
+        self._pending = None
+        if not meta.present:
+            self._measure_grads(vec, meta)
+        if meta.detail:
+            self._measure.weights_and_updates(vec, meta.with_updates)
+        self._stepped_since_update = True
+        self._emit(vec, meta)
+
+    def _before_scaler_update(self) -> None:
+        if not self._stepped_since_update and not self._broken and self.optimizer is not None:
+            self._record_skipped_step()
+        self._stepped_since_update = False
+
+    @_hook
+    def _record_skipped_step(self) -> None:
+        # GradScaler found an inf/NaN and did not call optimizer.step: no optimizer hook
+        # fired. The gradients are unscaled (and hold the overflow); weights are unchanged.
+        self._actions.restore_lr(self.optimizer)
+        vec = self._measure.new_vector()
+        meta = self._new_meta(detail=False, with_updates=False)
+        meta.skipped = True
+        self._measure_grads(vec, meta)
+        self._stepped_since_update = True
+        self._emit(vec, meta)
+
+    @_hook
+    def _on_backward(self, grads: Any) -> None:
+        # No optimizer: every backward is one record (per-backward gradients).
+        detail = self.step % self.every == 0
+        vec = self._measure.new_vector()
+        meta = self._new_meta(detail, with_updates=False)
+        meta.present = self._measure.grads(vec, list(grads))
+        if detail:
+            self._measure.weights_and_updates(vec, with_updates=False)
+        self._emit(vec, meta)
+
+    # ---- building a record --------------------------------------------------------------
+
+    def _new_meta(self, detail: bool, with_updates: bool) -> _StepMeta:
+        now = time.perf_counter()
+        meta = _StepMeta(
+            step=self.step + 1,
+            time=time.time(),
+            step_time=now - self._last_record if self.step else None,
+            detail=detail,
+            with_updates=with_updates,
+            present=set(),
+        )
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                meta.lr.append(_to_float(group.get("lr")) or 0.0)
+                betas = group.get("betas")
+                meta.momentum.append(_to_float(group.get("momentum", betas[0] if betas else None)))
+                meta.weight_decay.append(_to_float(group.get("weight_decay")))
+        return meta
+
+    def _measure_grads(self, vec: torch.Tensor, meta: _StepMeta) -> None:
+        meta.present = self._measure.grads(vec)
+
+    def _emit(self, vec: torch.Tensor, meta: _StepMeta) -> None:
+        losses = self._logged_losses or self._losses
+        if losses:
+            tensors = [torch.as_tensor(x, dtype=torch.float32).to(vec.device, non_blocking=True) for x in losses]
+            self._measure.set_extra(vec, "loss", torch.stack([t.float().reshape(()) for t in tensors]).mean())
+            meta.has_loss = True
+        self._losses, self._logged_losses = [], []
+        if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):
+            self._measure.set_extra(vec, "loss_scale", self.scaler._scale)
+            meta.has_scale = True
+        if self._preclip is not None:
+            self._measure.set_extra(vec, "preclip_norm", self._preclip)
+            meta.has_preclip = True
+            self._preclip = None
+        meta.scalars, self._scalars = self._scalars, {}
+        self.step += 1
+        self._last_record = time.perf_counter()
+        if self._transport.backlog_full():
+            self._transport.count_drop()
+            return
+        pending = self._handoff.put(vec)
+        if pending is None:
+            self._transport.count_drop()
+            return
+        self._transport.submit(functools.partial(self._to_record, meta, pending))
+
+    def _to_record(self, meta: _StepMeta, pending: Pending) -> protocol.StepRecord:
+        """Background thread: read the packed vector and build the wire record."""
+        values = self._handoff.read(pending)
+        layout = self._measure.layout
+        grad_sq = values[layout.grad()]
+        layer_grad_sq = [v if i in meta.present else None for i, v in enumerate(grad_sq)]
+        found_inf = meta.has_found_inf and values[layout.extra("found_inf")] > 0
+        return protocol.StepRecord(
+            step=meta.step,
+            time=meta.time,
+            step_time=meta.step_time,
+            loss=values[layout.extra("loss")] if meta.has_loss else None,
+            grad_norm_sq=sum(v for v in layer_grad_sq if v is not None) if meta.present else None,
+            grad_norm_preclip=values[layout.extra("preclip_norm")] if meta.has_preclip else None,
+            nonfinite_layers=sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v)),
+            skipped=meta.skipped or found_inf,
+            loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
+            lr=meta.lr,
+            momentum=meta.momentum,
+            weight_decay=meta.weight_decay,
+            scalars={k: v for k, v in ((k, _to_float(v)) for k, v in meta.scalars.items()) if v is not None},
+            layer_grad_sq=layer_grad_sq if meta.detail else None,
+            layer_weight_sq=values[layout.weight()] if meta.detail else None,
+            layer_update_sq=values[layout.update()] if meta.with_updates else None,
+        )
