@@ -1,0 +1,376 @@
+"""The probe on real CPU training loops, every reported number against an independent
+reference computed with torch.linalg.vector_norm per tensor."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch.probe.layers import clean_name, layer_of
+from tests.probe_helpers import TinyNet, assert_close, batches, read_spool, ref_layer_sq
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    return tmp_path / "spool.jsonl"
+
+
+def attach(model, optimizer, spool: Path, **kw):
+    return gradwatch.attach(model, optimizer, url=f"file:{spool}", name="test-run", **kw)
+
+
+def test_plain_loop_every_norm_matches_reference(spool: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    run = attach(model, opt, spool, every=2)
+    expected = []
+    for x, y in batches(6):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = ref_layer_sq({n: p.grad for n, p in model.named_parameters()})
+        opt.step()
+        run.log(loss=loss, accuracy=0.5)
+        weights = ref_layer_sq(dict(model.named_parameters()))
+        updates = ref_layer_sq({n: p - before[n] for n, p in model.named_parameters()})
+        expected.append((float(loss.detach()), grads, weights, updates))
+    run.detach()
+
+    hello, records, others = read_spool(spool)
+    assert hello.layers == [n for n, _ in model.named_parameters()]
+    assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]
+    assert others[-1].type == "bye" and others[-1].dropped == 0
+    for i, (record, (loss, grads, weights, updates)) in enumerate(zip(records, expected)):
+        assert_close(record.grad_norm_sq, sum(grads.values()))
+        assert record.lr == [0.05] and record.momentum == [0.9] and record.weight_decay == [1e-4]
+        assert record.nonfinite_layers == 0 and not record.skipped
+        if i % 2 == 0:  # per-layer detail every 2 steps
+            for got, want in zip(record.layer_grad_sq, grads.values()):
+                assert_close(got, want)
+            for got, want in zip(record.layer_weight_sq, weights.values()):
+                assert_close(got, want)
+            for got, want in zip(record.layer_update_sq, updates.values()):
+                assert_close(got, want, rel=1e-3)
+        else:
+            assert record.layer_grad_sq is None and record.layer_weight_sq is None
+    # run.log(loss=...) after step i arrives with step i+1; the forward hook is not used
+    # for a model that returns predictions, so loss is reported from the log call
+    assert_close(records[1].loss, expected[0][0])
+    assert records[1].scalars == {"accuracy": 0.5}
+
+
+def test_loss_captured_from_forward_and_loss_fn(spool: Path) -> None:
+    model = TinyNet()
+    loss_fn = torch.nn.MSELoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = attach(model, opt, spool, loss_fn=loss_fn)
+    losses = []
+    for x, y in batches(3):
+        loss = loss_fn(model(x), y)
+        losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # evaluation forwards are not training loss
+        loss_fn(model(batches(1)[0][0]), batches(1)[0][1])
+    run.detach()
+    _, records, _ = read_spool(spool)
+    for record, loss in zip(records, losses):
+        assert_close(record.loss, loss)
+    assert records[0].momentum == [0.9]  # Adam's beta1
+
+
+def test_clipping_reports_the_preclip_norm(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = attach(model, opt, spool, every=1)
+    totals, post = [], []
+    for x, y in batches(3):
+        opt.zero_grad()
+        (100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+        totals.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)))
+        post.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
+        opt.step()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    for record, total, post_sq in zip(records, totals, post):
+        assert_close(record.grad_norm_preclip, total)
+        assert_close(record.grad_norm_sq, post_sq)  # what the optimizer saw: clipped
+        assert total > 0.5 and math.sqrt(record.grad_norm_sq) <= 0.5 + 1e-4
+
+
+def test_gradient_accumulation_gives_one_record_per_optimizer_step(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = attach(model, opt, spool, loss_fn=None)
+    data = batches(8)
+    micro_losses, grads = [], []
+    for step in range(4):
+        opt.zero_grad()
+        for x, y in data[2 * step : 2 * step + 2]:
+            loss = torch.nn.functional.mse_loss(model(x), y) / 2
+            run.log(loss=loss)
+            micro_losses.append(float(loss))
+            loss.backward()
+        grads.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
+        opt.step()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == [1, 2, 3, 4]
+    for i, record in enumerate(records):
+        assert_close(record.grad_norm_sq, grads[i])
+        assert_close(record.loss, (micro_losses[2 * i] + micro_losses[2 * i + 1]) / 2)
+
+
+def test_grad_scaler_counts_skipped_steps_and_reports_unscaled_norms(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    run = attach(model, opt, spool, scaler=scaler, every=1)
+    unscaled, scales = [], []
+    for i, (x, y) in enumerate(batches(5)):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if i == 2:
+            loss = loss * float("inf")  # forced overflow: GradScaler skips this step
+        scales.append(scaler.get_scale())
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        unscaled.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
+        scaler.step(opt)
+        scaler.update()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]
+    assert [r.skipped for r in records] == [False, False, True, False, False]
+    assert records[2].nonfinite_layers > 0
+    for i in (0, 1, 3, 4):
+        assert_close(records[i].grad_norm_sq, unscaled[i])
+    assert [r.loss_scale for r in records] == scales
+    assert scales[3] == scales[2] / 2  # the scaler backed off after the overflow
+
+
+def test_fused_optimizer_under_grad_scaler_reports_unscaled_norms(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    run = attach(model, opt, spool, scaler=scaler)
+    expected = []
+    for x, y in batches(3):
+        opt.zero_grad()
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        # fused Adam unscales inside its kernel: the grads here are still scaled
+        expected.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()) / 256.0**2)
+        scaler.step(opt)
+        scaler.update()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    for record, want in zip(records, expected):
+        assert_close(record.grad_norm_sq, want)
+        assert not record.skipped
+
+
+def test_without_optimizer_every_backward_is_reported(spool: Path) -> None:
+    model = TinyNet()
+    run = attach(model, None, spool, every=1)
+    expected = []
+    for x, y in batches(3):
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        expected.append(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}))
+        with torch.no_grad():  # updated by hand, as in pytorch/examples word_language_model
+            for p in model.parameters():
+                p.add_(p.grad, alpha=-0.1)
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert hello.param_groups == 0
+    assert len(records) == 3
+    for record, grads in zip(records, expected):
+        for got, want in zip(record.layer_grad_sq, grads.values()):
+            assert_close(got, want)
+        assert record.lr == []
+
+
+def test_lbfgs_with_closure_gives_one_record_per_step(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    run = attach(model, opt, spool)
+    x, y = batches(1)[0]
+    final_grads = []
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        final_grads.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert len(records) == 3
+    for record, want in zip(records, final_grads):
+        assert_close(record.grad_norm_sq, want)
+
+
+def test_two_param_groups_report_their_own_learning_rates(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(
+        [{"params": model.inp.parameters(), "lr": 0.1}, {"params": list(model.hidden.parameters()) + list(model.out.parameters())}],
+        lr=0.01,
+    )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    run = attach(model, opt, spool)
+    for x, y in batches(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert records[0].lr == [0.1, 0.01]
+    assert records[1].lr == [0.05, 0.005]
+
+
+def test_frozen_layers_are_left_out_and_missing_grads_reported(spool: Path) -> None:
+    model = TinyNet()
+    model.inp.requires_grad_(False)
+    extra = torch.nn.Linear(3, 3)  # trainable but never used: its grad stays None
+    model.unused = extra
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    run = attach(model, opt, spool, every=1)
+    for x, y in batches(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert not any(name.startswith("inp.") for name in hello.layers)
+    unused = [i for i, name in enumerate(hello.layers) if name.startswith("unused.")]
+    assert unused and all(records[0].layer_grad_sq[i] is None for i in unused)
+    assert all(records[0].layer_grad_sq[i] is not None for i in range(len(hello.layers)) if i not in unused)
+
+
+def test_compiled_model_keeps_working_and_is_measured(spool: Path) -> None:
+    model = TinyNet()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = attach(compiled, opt, spool, loss_fn=None)
+    expected = []
+    for x, y in batches(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(compiled(x), y).backward()
+        expected.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
+        opt.step()
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert hello.layers == [n for n, _ in model.named_parameters()]  # no _orig_mod. prefix
+    for record, want in zip(records, expected):
+        assert_close(record.grad_norm_sq, want)
+
+
+def test_nonfinite_gradients_are_counted_per_layer(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    run = attach(model, opt, spool, every=1)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    model.hidden.weight.grad[0, 0] = float("nan")
+    opt.step()
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert records[0].nonfinite_layers == 1
+    assert math.isnan(records[0].layer_grad_sq[hello.layers.index("hidden.weight")])
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        ("param", ["inp.weight", "inp.bias", "hidden.weight", "hidden.bias", "out.weight", "out.bias"]),
+        ("module", ["inp", "hidden", "out"]),
+        (1, ["inp", "hidden", "out"]),
+        (re.compile(r"^(inp|hidden)"), ["inp", "hidden", "out.weight", "out.bias"]),
+    ],
+)
+def test_layers_option_bounds_cardinality_and_sums_squares(spool: Path, spec, names) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = attach(model, opt, spool, layers=spec)
+    x, y = batches(1)[0]
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    per_param = ref_layer_sq({n: p.grad for n, p in model.named_parameters()})
+    opt.step()
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert hello.layers == names
+    for name, got in zip(hello.layers, records[0].layer_grad_sq):
+        want = sum(v for n, v in per_param.items() if layer_of(n, spec) == name)
+        assert_close(got, want)
+
+
+def test_layer_names_drop_wrapper_prefixes() -> None:
+    assert clean_name("module._orig_mod.blocks.0.attn.weight") == "blocks.0.attn.weight"
+    assert clean_name("encoder.module.weight") == "encoder.module.weight"
+    with pytest.raises(ValueError, match="layers="):
+        layer_of("a.b", "per-tensor")
+
+
+def _train(model, opt, data, run=None):
+    for x, y in data:
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if run is not None:
+            run.log(loss=loss)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("setting", ["no-collector", "disabled"])
+def test_probe_never_changes_the_math(monkeypatch, setting: str) -> None:
+    torch.manual_seed(1)
+    base = TinyNet()
+    data = batches(20)
+    bare_model = copy.deepcopy(base)
+    bare = _train(bare_model, torch.optim.AdamW(bare_model.parameters(), lr=1e-2), data)
+
+    model = copy.deepcopy(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if setting == "disabled":
+        monkeypatch.setenv("GRADWATCH_DISABLE", "1")
+    # nothing listens on port 9 (discard): the probe buffers and training goes on
+    run = gradwatch.attach(model, opt, url="ws://127.0.0.1:9", every=1)
+    probed = _train(model, opt, data, run)
+    run.detach()
+    if setting == "no-collector":
+        assert run.step == 20
+    for a, b in zip(bare, probed):
+        assert torch.equal(a, b)
+
+
+def test_context_manager_and_idempotent_detach(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with attach(model, opt, spool) as run:
+        x, y = batches(1)[0]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    run.detach()
+    _, records, others = read_spool(spool)
+    assert len(records) == 1 and [o.type for o in others] == ["bye"]
+    # hooks are gone: further steps are not recorded and nothing breaks
+    opt.step()
+    assert run.step == 1
