@@ -3,7 +3,8 @@ protocol messages and ships them, so that no I/O ever happens on the training th
 
 - ``ws://`` / ``wss://``: the websockets library's sync client; batched ``steps`` frames,
   reconnection with exponential backoff, actions received from the collector.
-- ``file:PATH``: the same frames as JSON lines (an offline spool for ``gradwatch ingest``).
+- ``file:PATH``: the same frames as JSON lines (an offline spool for ``gradwatch ingest``);
+  ranks of a distributed run write ``PATH.rank<N>``.
 
 Memory is bounded: while the collector is unreachable, records are buffered up to
 ``max_records``; per-layer detail is the first thing let go (oldest first, beyond
@@ -202,6 +203,8 @@ class Transport:
 
     def _open_spool(self) -> None:
         path = Path(self.url[len("file:"):])
+        if self.hello.world_size > 1:  # one spool per rank: lines of ranks never interleave
+            path = path.with_name(f"{path.name}.rank{self.hello.rank}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._spool = path.open("a", encoding="utf-8")
         self._write_line(protocol.encode(self.hello))

@@ -1,0 +1,27 @@
+"""DistributedDataParallel on 2 CPU processes (gloo). Each rank runs its own probe; the
+collector merges the ranks of one run (same name on every rank, derived from the job).
+
+    torchrun --nproc-per-node 2 examples/ddp.py
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import gradwatch
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 1)))
+optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+with gradwatch.attach(model, optimizer, name="ddp-example") as run:
+    for step in range(300):
+        x = torch.randn(32, 32)
+        loss = nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin())
+        run.log(loss=loss)
+        optimizer.zero_grad()
+        loss.backward()  # gradients are all-reduced here; the probe reads them after
+        optimizer.step()
+
+dist.destroy_process_group()
