@@ -9,6 +9,7 @@ with the probe attached by the one line a user would write; the pathology is inj
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +42,13 @@ class Scenario:
     onset: int  # the optimizer step at which the pathology starts
     steps: int
     description: str
-    train: Callable[[dict[str, Any], int, int], Outcome]
+    train: Callable[[dict[str, Any], int, int, float], Outcome]
 
-    def run(self, **run_options: Any) -> Outcome:
-        """Train with the probe attached with `run_options` (url, name, actions, ...)."""
-        return self.train(run_options, self.steps, self.onset)
+    def run(self, pace: float = 0.0, **run_options: Any) -> Outcome:
+        """Train with the probe attached with `run_options` (url, name, actions, ...).
+        `pace` (seconds) stretches each step towards a real model's step time, so that a
+        collector's answer (an action) can arrive while the run still trains."""
+        return self.train(run_options, self.steps, self.onset, pace)
 
 
 class Teacher:
@@ -100,6 +103,7 @@ def fit(
     train_set: tuple[torch.Tensor, torch.Tensor] | None = None,
     val_every: int = 25,
     batch: int = 64,
+    pace: float = 0.0,
 ) -> Outcome:
     """The training loop every scenario shares; `before_step` may corrupt the batch or the model."""
     val_x, val_y = teacher.batch(512)
@@ -137,6 +141,8 @@ def fit(
                 model.eval()
                 with torch.no_grad():
                     run.log(val_loss=nn.functional.mse_loss(model(val_x), val_y))
+            if pace:
+                time.sleep(pace)
             if run.should_stop:
                 outcome.stopped = True
                 break
@@ -146,13 +152,13 @@ def fit(
 # ---- the scenarios ----------------------------------------------------------------------
 
 
-def healthy(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def healthy(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
-    return fit(run_options, model, opt, steps, Teacher(1), scheduler=warmup_cosine(opt, 50, steps))
+    return fit(run_options, model, opt, steps, Teacher(1), scheduler=warmup_cosine(opt, 50, steps), pace=pace)
 
 
-def nonfinite(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def nonfinite(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -162,36 +168,36 @@ def nonfinite(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
             x[0, 0] = math.nan
         return x, y
 
-    return fit(run_options, model, opt, steps, Teacher(2), before_step=corrupt)
+    return fit(run_options, model, opt, steps, Teacher(2), before_step=corrupt, pace=pace)
 
 
-def loss_spike(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def loss_spike(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
     def corrupt(step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x, y * 40.0) if step == onset else (x, y)  # one mislabelled batch
 
-    return fit(run_options, model, opt, steps, Teacher(3), before_step=corrupt)
+    return fit(run_options, model, opt, steps, Teacher(3), before_step=corrupt, pace=pace)
 
 
-def exploding_gradients(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def exploding_gradients(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp(depth=4)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def corrupt(step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x * 100.0, y) if step >= onset else (x, y)  # unnormalised inputs from a new shard
 
-    return fit(run_options, model, opt, steps, Teacher(4), before_step=corrupt)
+    return fit(run_options, model, opt, steps, Teacher(4), before_step=corrupt, pace=pace)
 
 
-def vanishing_gradients(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def vanishing_gradients(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp(width=32, depth=14, act=nn.Sigmoid)  # deep sigmoid stack: the classic
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    return fit(run_options, model, opt, steps, Teacher(5))
+    return fit(run_options, model, opt, steps, Teacher(5), pace=pace)
 
 
-def dead_layer(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def dead_layer(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp(depth=4)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -201,10 +207,10 @@ def dead_layer(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
                 model[2].bias.fill_(-1e4)
         return x, y
 
-    return fit(run_options, model, opt, steps, Teacher(6), before_step=corrupt)
+    return fit(run_options, model, opt, steps, Teacher(6), before_step=corrupt, pace=pace)
 
 
-def plateau(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def plateau(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     # Linear regression with label noise and an LR too high for the gradient noise of
     # batch 4: the loss settles on a floor set by the LR, not by the data (about 2x the
     # noise floor). Halving the LR halves the excess: the remedy an action can apply.
@@ -215,38 +221,38 @@ def plateau(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
     teacher.net = nn.Linear(IN_FEATURES, 1)
     with torch.no_grad():
         teacher.net.weight.copy_(torch.randn(1, IN_FEATURES, generator=teacher.gen))
-    return fit(run_options, model, opt, steps, teacher, batch=4)
+    return fit(run_options, model, opt, steps, teacher, batch=4, pace=pace)
 
 
-def overfitting(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def overfitting(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp(width=256, depth=3)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     teacher = Teacher(8, noise=0.5)
     train_set = teacher.batch(32)  # a tiny noisy training set memorised after ~100 steps
-    return fit(run_options, model, opt, steps, teacher, train_set=train_set, val_every=10, batch=32)
+    return fit(run_options, model, opt, steps, teacher, train_set=train_set, val_every=10, batch=32, pace=pace)
 
 
-def amp_scale_collapse(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def amp_scale_collapse(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     # From onset on, every backward overflows (as when an fp16 activation saturates):
     # the scaler skips each step and halves the scale until it collapses.
     return fit(run_options, model, opt, steps, Teacher(9), scaler=scaler,
-               loss_scale_fault=lambda step: math.inf if step >= onset else 1.0)
+               loss_scale_fault=lambda step: math.inf if step >= onset else 1.0, pace=pace)
 
 
-def update_ratio(run_options: dict[str, Any], steps: int, onset: int) -> Outcome:
+def update_ratio(run_options: dict[str, Any], steps: int, onset: int, pace: float) -> Outcome:
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def corrupt(step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if step == onset:  # a config typo: lr 1e-3 -> 1.0
+        if step == onset:  # a config typo: lr 1e-3 -> 5e-2
             for group in opt.param_groups:
-                group["lr"] = 1.0
+                group["lr"] = 5e-2
         return x, y
 
-    return fit(run_options, model, opt, steps, Teacher(10), before_step=corrupt)
+    return fit(run_options, model, opt, steps, Teacher(10), before_step=corrupt, pace=pace)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -261,6 +267,6 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("plateau", "plateau", 100, 800, "LR too high for the gradient noise: loss stuck on a floor", plateau),
         Scenario("overfitting", "overfitting", 100, 500, "32 noisy samples memorised", overfitting),
         Scenario("amp_scale_collapse", "amp_scale_collapse", 150, 300, "every step overflows under GradScaler", amp_scale_collapse),
-        Scenario("update_ratio", "update_ratio", 150, 300, "LR typo 1e-3 -> 1.0", update_ratio),
+        Scenario("update_ratio", "update_ratio", 150, 300, "LR typo 1e-3 -> 5e-2: every update moves weights by a third", update_ratio),
     ]
 }
