@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
@@ -75,6 +76,7 @@ class Transport:
         self.collector_actions = False
 
         self._ws: ClientConnection | None = None
+        self._ws_context = ExitStack()  # holds the open connection's context manager
         self._spool: IO[str] | None = None
         self._backoff = 0.5
         self._next_attempt = 0.0
@@ -211,18 +213,17 @@ class Transport:
 
     def _connect(self) -> None:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
-        ws = connect(self.url, additional_headers=headers, open_timeout=5, close_timeout=2, max_size=2**22)
-        try:
+        with ExitStack() as stack:  # closes the connection unless the greeting succeeds
+            ws = stack.enter_context(
+                connect(self.url, additional_headers=headers, open_timeout=5, close_timeout=2, max_size=2**22)
+            )
             ws.send(protocol.encode(self.hello))
             welcome = protocol.decode_collector_message(ws.recv(timeout=5))
-        except BaseException:
-            ws.close()
-            raise
-        if not isinstance(welcome, Welcome):
-            ws.close()
-            raise ConnectionError(f"expected a welcome from the collector, got {welcome.type}")
-        self.collector_actions = welcome.actions
-        self._ws = ws
+            if not isinstance(welcome, Welcome):
+                raise ConnectionError(f"expected a welcome from the collector, got {welcome.type}")
+            self.collector_actions = welcome.actions
+            self._ws = ws
+            self._ws_context = stack.pop_all()
 
     def _on_link_failure(self, err: BaseException) -> None:
         reason = _explain(err)
@@ -247,7 +248,7 @@ class Transport:
     def _disconnect(self) -> None:
         if self._ws is not None:
             try:
-                self._ws.close()
+                self._ws_context.close()
             except Exception:  # noqa: BLE001 - closing a broken socket may fail in any way
                 pass
             self._ws = None
@@ -312,11 +313,6 @@ class Transport:
             return
         bye = self._bye.model_copy(update={"dropped": self.dropped})
         self._send_frame(protocol.encode(bye))
-        if self._ws is not None:
-            try:
-                self._ws.close()
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def _explain(err: BaseException) -> str:
