@@ -19,6 +19,7 @@ off, messages from the collector are ignored and training cannot be changed by t
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
@@ -71,8 +72,17 @@ class ActionState:
         self._optimizer = optimizer
         original = optimizer.step
 
+        @functools.wraps(original)  # keeps the marks LR schedulers put on optimizer.step
         def step(*args: Any, **kwargs: Any) -> Any:
-            if self.skip_on and self._should_skip():
+            try:
+                self.at_step_boundary(self._run.step)  # an arming that just arrived counts now
+                skip = bool(self.skip_on) and self._should_skip()
+            except StopTraining:
+                raise
+            except Exception:  # the guard must never be why a step fails
+                log.exception("gradwatch: the skip-step guard failed; this step is taken")
+                skip = False
+            if skip:
                 self._run._record_skipped_step()
                 return None
             return original(*args, **kwargs)
@@ -92,6 +102,12 @@ class ActionState:
             self._apply(self._inbox.popleft(), step + 1)
         if self.should_stop_now():
             raise StopTraining(self.stopped_reason)
+
+    def guard_pending(self, on: str) -> bool:
+        """The skip guard for `on` is armed, or its arming waits for the next step."""
+        return on in self.skip_on or any(
+            a.kind == "skip_step" and a.params.get("on") == on for a in list(self._inbox)
+        )
 
     def should_stop_now(self) -> bool:
         return bool(self.stopped_reason) and self._stop_mode == "raise"
