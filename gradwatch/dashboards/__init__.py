@@ -1,0 +1,6 @@
+"""Grafana dashboards generated from code (`gradwatch dashboards build`)."""
+
+from gradwatch.dashboards.boards import all_dashboards
+from gradwatch.dashboards.panels import DATASOURCE_UID
+
+__all__ = ["all_dashboards", "DATASOURCE_UID"]
