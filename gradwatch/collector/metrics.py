@@ -1,0 +1,233 @@
+"""Prometheus exposition: a custom collector that yields metric families from the registry's
+current state at scrape time (no per-run global gauge objects to create, update or forget).
+
+Every name here is listed with its type, labels and meaning in docs/metrics.md; dashboards
+and alerting rules depend on them, so treat them as an API.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gradwatch.collector.config import CollectorConfig
+from gradwatch.collector.registry import Registry, Run
+from gradwatch.protocol import ALERT_KINDS
+
+SEVERITIES = ("info", "warning", "critical")
+MESSAGE_TYPES = ("hello", "steps", "heartbeat", "ack", "bye")
+# Every reason a message or connection is refused, so each has a series from the start.
+REJECT_REASONS = (
+    "invalid_message",  # not JSON, wrong types, unknown message type (close 1007)
+    "unsupported_version",  # hello.v this collector does not speak (close 4001)
+    "no_hello",  # first message was not a hello, or a second hello (close 1008)
+    "run_refused",  # run layout conflict, rank out of range, max_runs reached (close 1008)
+    "rate_limited",  # more messages per second than allowed (close 1008)
+    "too_big",  # frame over max_frame_bytes (close 1009)
+    "unauthorized",  # missing or wrong token (HTTP 401 at the handshake)
+)
+
+
+@dataclass
+class IngestStats:
+    """Counters the websocket shell updates and /metrics exports."""
+
+    connections: int = 0
+    messages: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    ingest_lag_seconds: float = math.nan  # receive time minus the newest record's time
+
+
+def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels, unit=unit)
+
+
+def _counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+class MetricsCollector(Collector):
+    def __init__(
+        self,
+        registry: Registry,
+        stats: IngestStats,
+        config: CollectorConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.stats = stats
+        self.config = config
+        self.clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []  # families depend on state; do not collect at registration
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._run_families()
+        yield from self._health_families()
+
+    def _run_families(self) -> Iterator[Metric]:
+        f = {
+            "up": _gauge("gradwatch_run_up", "1 while the run is running (or degraded), 0 once it ended", ["run"]),
+            "status": _gauge("gradwatch_run_status", "1 for the run's current status", ["run", "status"]),
+            "step": _gauge("gradwatch_run_step", "last merged optimizer step", ["run"]),
+            "steps": _counter("gradwatch_steps_total", "merged optimizer steps", ["run"]),
+            "last_ts": _gauge("gradwatch_run_last_step_timestamp_seconds",
+                              "probe time of the last merged step (Unix seconds)", ["run"]),
+            "ranks": _gauge("gradwatch_run_ranks", "ranks currently connected and reporting", ["run"]),
+            "world": _gauge("gradwatch_run_world_size", "ranks the run was started with", ["run"]),
+            "loss": _gauge("gradwatch_loss", "last loss: train (merged over ranks) or val (scalar val_loss)",
+                           ["run", "split"]),
+            "gap": _gauge("gradwatch_loss_gap", "val loss minus train loss", ["run"]),
+            "gnorm": _gauge("gradwatch_grad_norm", "global gradient norm the optimizer saw", ["run"]),
+            "gnorm_pre": _gauge("gradwatch_grad_norm_preclip", "total norm returned by clip_grad_norm_", ["run"]),
+            "lr": _gauge("gradwatch_learning_rate", "learning rate per param group", ["run", "group"]),
+            "momentum": _gauge("gradwatch_momentum", "momentum (or beta1) per param group", ["run", "group"]),
+            "wd": _gauge("gradwatch_weight_decay", "weight decay per param group", ["run", "group"]),
+            "scale": _gauge("gradwatch_amp_loss_scale", "AMP GradScaler loss scale", ["run"]),
+            "skipped": _counter("gradwatch_amp_skipped_steps_total",
+                                "optimizer steps skipped (AMP overflow or a skip_step action)", ["run"]),
+            "nf_layers": _gauge("gradwatch_nonfinite_layers", "layers whose gradient holds NaN/inf at the last step",
+                                ["run"]),
+            "nf_steps": _counter("gradwatch_nonfinite_steps_total",
+                                 "steps with a non-finite gradient, grad norm or loss", ["run"]),
+            "duration": _gauge("gradwatch_step_duration_seconds", "last step time per rank", ["run", "rank"]),
+            "scalar": _gauge("gradwatch_scalar", "last value of each scalar logged with run.log", ["run", "name"]),
+            "l_grad": _gauge("gradwatch_layer_grad_norm", "per-layer gradient norm (capped, see layers_dropped)",
+                             ["run", "layer"]),
+            "l_weight": _gauge("gradwatch_layer_weight_norm", "per-layer weight norm", ["run", "layer"]),
+            "l_ratio": _gauge("gradwatch_layer_update_ratio", "per-layer ||update|| / ||weight||", ["run", "layer"]),
+            "l_dropped": _gauge("gradwatch_layers_dropped", "layers beyond the per-run layer cap, not exported",
+                                ["run"]),
+            "alert": _gauge("gradwatch_alert_active", "1 while an alert of this kind and severity is active",
+                            ["run", "kind", "severity"]),
+            "alerts": _counter("gradwatch_alerts_total", "alerts fired", ["run", "kind"]),
+            "actions": _counter("gradwatch_actions_total",
+                                "actions: armed/sent by the collector, applied/refused as acknowledged per rank",
+                                ["run", "action", "outcome"]),
+            "dropped": _counter("gradwatch_probe_dropped_records_total",
+                                "step records a probe dropped (buffer full during an outage)", ["run", "rank"]),
+        }
+        now = self.clock()
+        cap = self.config.metrics.layer_cap
+        for run in self.registry.visible_runs(now, self.config.retention.finished_grace_seconds):
+            self._add_run(f, run, cap)
+        yield from f.values()
+
+    def _add_run(self, f: dict[str, Metric], run: Run, cap: int) -> None:
+        name = run.name
+        f["up"].add_metric([name], 0.0 if run.ended else 1.0)
+        f["status"].add_metric([name, run.status], 1.0)
+        f["step"].add_metric([name], max(run.last_merged_step, 0))
+        f["steps"].add_metric([name], run.steps_total)
+        f["ranks"].add_metric([name], run.ranks_reporting)
+        f["world"].add_metric([name], run.hello.world_size)
+        f["skipped"].add_metric([name], run.skipped_steps_total)
+        f["nf_steps"].add_metric([name], run.nonfinite_steps_total)
+        for rank, state in run.ranks.items():
+            f["dropped"].add_metric([name, str(rank)], state.dropped)
+            if state.step_time is not None:
+                f["duration"].add_metric([name, str(rank)], state.step_time)
+        active = {(e.kind, e.severity) for e in run.active_alerts.values()}
+        for kind in ALERT_KINDS:
+            f["alerts"].add_metric([name, kind], run.alerts_total.get(kind, 0))
+            for severity in SEVERITIES:
+                f["alert"].add_metric([name, kind, severity], float((kind, severity) in active))
+        for (action, outcome), count in sorted(run.actions_total.items()):
+            f["actions"].add_metric([name, action, outcome], count)
+        layers = run.layers
+        f["l_dropped"].add_metric([name], max(0, len(layers) - cap))
+
+        latest = run.latest
+        if latest.time is None:
+            return
+        f["last_ts"].add_metric([name], latest.time)
+        f["nf_layers"].add_metric([name], latest.nonfinite_layers)
+        for split, value in (("train", latest.loss), ("val", latest.val_loss)):
+            if value is not None:
+                f["loss"].add_metric([name, split], value)
+        if latest.loss is not None and latest.val_loss is not None:
+            f["gap"].add_metric([name], latest.val_loss - latest.loss)
+        for key, value in (
+            ("gnorm", latest.grad_norm), ("gnorm_pre", latest.grad_norm_preclip), ("scale", latest.loss_scale)
+        ):
+            if value is not None:
+                f[key].add_metric([name], value)
+        for key, values in (("lr", latest.lr), ("momentum", latest.momentum), ("wd", latest.weight_decay)):
+            for group, value in enumerate(values):
+                if value is not None:
+                    f[key].add_metric([name, str(group)], value)
+        for scalar, value in sorted(latest.scalars.items()):
+            f["scalar"].add_metric([name, scalar], value)
+
+        detail = run.latest_layer_detail
+        if detail is None:
+            return
+        exported = exported_layers(layers, cap)
+        for key, values in (
+            ("l_grad", detail.layer_grad_norm),
+            ("l_weight", detail.layer_weight_norm),
+            ("l_ratio", detail.layer_update_ratio),
+        ):
+            for index, layer in exported:
+                value = values[index] if values is not None else None
+                if value is not None:
+                    f[key].add_metric([name, layer], value)
+
+    def _health_families(self) -> Iterator[Metric]:
+        stats = self.stats
+        connections = _gauge("gradwatch_collector_connections", "open probe connections")
+        connections.add_metric([], stats.connections)
+        messages = _counter("gradwatch_collector_messages_total", "probe messages accepted, by type", ["type"])
+        for kind in MESSAGE_TYPES:
+            messages.add_metric([kind], stats.messages.get(kind, 0))
+        rejected = _counter("gradwatch_collector_rejected_messages_total",
+                            "messages or connections refused, by reason", ["reason"])
+        for reason in REJECT_REASONS:
+            rejected.add_metric([reason], stats.rejected.get(reason, 0))
+        lag = _gauge("gradwatch_collector_ingest_lag_seconds",
+                     "receive time minus probe time of the newest record in the last batch")
+        lag.add_metric([], stats.ingest_lag_seconds)
+        runs = _gauge("gradwatch_collector_runs", "runs in memory, by status", ["status"])
+        for status, count in self.registry.status_counts().items():
+            runs.add_metric([status], count)
+        evicted = _counter("gradwatch_collector_runs_evicted_total", "ended runs evicted to stay under max_runs")
+        evicted.add_metric([], self.registry.evicted_total)
+        cap = _gauge("gradwatch_collector_layer_cap", "per-run cap on exported per-layer series")
+        cap.add_metric([], self.config.metrics.layer_cap)
+        yield from (connections, messages, rejected, lag, runs, evicted, cap)
+
+
+def exported_layers(layers: tuple[str, ...], cap: int) -> list[tuple[int, str]]:
+    """(index, name) of the layers exported: the first `cap` distinct names in hello order
+    (a duplicate name would make two identical series, which is invalid exposition)."""
+    seen: dict[str, int] = {}
+    for index, layer in enumerate(layers):
+        if len(seen) >= cap:
+            break
+        seen.setdefault(layer, index)
+    return [(index, layer) for layer, index in seen.items()]
+
+
+class _Snapshot(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def render(families: list[Metric]) -> bytes:
+    """The text exposition of `families` alone (a private registry: no process or Python
+    metrics of the host). Pure formatting of a snapshot, so it can run off the event loop:
+    for hundreds of runs it is most of a scrape's cost."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families))
+    return generate_latest(registry)

@@ -1,0 +1,589 @@
+"""The run registry: the collector's sans-I/O core.
+
+Protocol messages and the current time go in; events (run started, status changed, alert,
+action to send, ack) come out, for the I/O shell to log, store and send. Nothing here
+touches a socket, a file or the clock.
+
+Merging ranks: a step is merged once every rank that is still reporting has reached it
+(its highest step is >= it), or once it has waited `rank_wait_seconds` for the others (a
+straggler's late record for a merged step is then ignored). A rank lost (silent for
+`heartbeat_timeout`) or finished no longer holds merging back. With
+`hello.sharded`, squared norms are partial and summed over ranks; otherwise every rank saw
+the same gradients and they are read from the lowest rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from gradwatch.collector.actions import ActionPlanner, RunActionState
+from gradwatch.collector.config import RetentionConfig
+from gradwatch.collector.detectors.base import AlertEvent, Detector, Observation, Severity
+from gradwatch.protocol import (
+    CLOSE_POLICY,
+    Ack,
+    Action,
+    Bye,
+    Hello,
+    ProtocolError,
+    StepRecord,
+    Steps,
+    Welcome,
+)
+
+RunStatus = Literal["running", "degraded", "finished", "stopped", "crashed", "lost"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+ENDED_STATUSES = frozenset({"finished", "stopped", "crashed", "lost"})
+RATE_WINDOW = 32  # recent merged steps used to estimate a run's step rate
+MAX_PENDING_STEPS = 10_000  # unmerged steps per run, whatever the stragglers: bounds memory
+
+
+# Events: what the shell has to act on.
+@dataclass(frozen=True)
+class RunStarted:
+    run: str
+    world_size: int
+    sharded: bool
+    actions: bool
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    run: str
+    old: RunStatus
+    new: RunStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class AlertRaised:
+    run: str
+    alert: AlertEvent
+
+
+@dataclass(frozen=True)
+class ActionIssued:
+    run: str
+    action: Action
+    alert_kind: str
+
+
+@dataclass(frozen=True)
+class ActionAcked:
+    run: str
+    rank: int
+    ack: Ack
+    alert_kind: str
+
+
+@dataclass(frozen=True)
+class RunEvicted:
+    run: str
+
+
+@dataclass(frozen=True)
+class DetectorFailed:
+    run: str
+    kind: str
+    error: str
+
+
+Event = RunStarted | StatusChanged | AlertRaised | ActionIssued | ActionAcked | RunEvicted | DetectorFailed
+
+
+@dataclass(frozen=True)
+class Joined:
+    """The answer to a hello: the welcome, the actions to send right after it, and events."""
+
+    welcome: Welcome
+    actions: list[Action]
+    events: list[Event]
+
+
+@dataclass
+class RankState:
+    last_seen: float
+    connected: bool = False
+    bye: Bye | None = None
+    lost: bool = False
+    max_step: int = -1
+    step_time: float | None = None
+    dropped: int = 0  # records this rank's probe had to drop, as it reported them
+
+    @property
+    def reporting(self) -> bool:
+        return self.bye is None and not self.lost
+
+
+@dataclass
+class MergedStep:
+    """One merged step: what the detectors see, plus what only the metrics need."""
+
+    observation: Observation
+    momentum: tuple[float | None, ...] = ()
+    weight_decay: tuple[float | None, ...] = ()
+
+
+MAX_SCALAR_NAMES = 256  # per run, across all steps: bounds the gradwatch_scalar series
+
+
+@dataclass
+class LatestValues:
+    """The last known value of each quantity of a run. A quantity missing from a step (val
+    loss logged every 100 steps, loss not captured on one step) keeps its previous value,
+    so its series does not flap on and off /metrics."""
+
+    time: float | None = None
+    loss: float | None = None
+    grad_norm: float | None = None
+    grad_norm_preclip: float | None = None
+    loss_scale: float | None = None
+    nonfinite_layers: int = 0
+    lr: tuple[float | None, ...] = ()
+    momentum: tuple[float | None, ...] = ()
+    weight_decay: tuple[float | None, ...] = ()
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    def update(self, merged: MergedStep) -> None:
+        obs = merged.observation
+        self.time = obs.time
+        self.nonfinite_layers = obs.nonfinite_layers
+        for name in ("loss", "grad_norm", "grad_norm_preclip", "loss_scale"):
+            value = getattr(obs, name)
+            if value is not None:
+                setattr(self, name, value)
+        self.lr = obs.lr or self.lr
+        self.momentum = merged.momentum or self.momentum
+        self.weight_decay = merged.weight_decay or self.weight_decay
+        for name, value in obs.scalars.items():
+            if name in self.scalars or len(self.scalars) < MAX_SCALAR_NAMES:
+                self.scalars[name] = value
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.scalars.get("val_loss")
+
+
+@dataclass
+class Run:
+    name: str
+    hello: Hello
+    started: float
+    last_seen: float
+    detectors: list[Detector]
+    history: deque[Observation]
+    layers: tuple[str, ...]  # hello.layers, as the tuple every Observation shares
+    status: RunStatus = "running"
+    ended_at: float | None = None
+    ranks: dict[int, RankState] = field(default_factory=dict)  # the ranks that said hello
+    missing_ranks_lost: bool = False  # ranks that never said hello, past the heartbeat timeout
+    pending: dict[int, dict[int, StepRecord]] = field(default_factory=dict)  # step -> rank -> record
+    pending_since: dict[int, float] = field(default_factory=dict)  # step -> when its first record came
+    last_merged_step: int = -1
+    latest: LatestValues = field(default_factory=LatestValues)
+    latest_layer_detail: Observation | None = None  # the last observation with per-layer values
+    steps_total: int = 0
+    skipped_steps_total: int = 0
+    nonfinite_steps_total: int = 0
+    alerts_total: Counter[str] = field(default_factory=Counter)
+    active_alerts: dict[tuple[str, str | None], AlertEvent] = field(default_factory=dict)
+    actions_total: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, outcome)
+    action_state: RunActionState = field(default_factory=RunActionState)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED_STATUSES
+
+    @property
+    def ranks_reporting(self) -> int:
+        return sum(1 for r in self.ranks.values() if r.connected and r.reporting)
+
+    @property
+    def highest_step(self) -> int:
+        return max((r.max_step for r in self.ranks.values()), default=-1)
+
+    def steps_per_second(self) -> float | None:
+        recent = list(self.history)[-RATE_WINDOW:]
+        if len(recent) < 2 or recent[-1].time <= recent[0].time:
+            return None
+        return (recent[-1].step - recent[0].step) / (recent[-1].time - recent[0].time)
+
+
+def same_layout(a: Hello, b: Hello) -> bool:
+    return (a.world_size, a.sharded, a.layers, a.param_groups) == (
+        b.world_size, b.sharded, b.layers, b.param_groups
+    )
+
+
+class Registry:
+    """All runs the collector knows, keyed by name."""
+
+    def __init__(
+        self,
+        retention: RetentionConfig,
+        detectors: Callable[[], list[Detector]],
+        planner: ActionPlanner | None = None,
+    ) -> None:
+        self.retention = retention
+        self._new_detectors = detectors
+        self.planner = planner or ActionPlanner({})
+        self.runs: dict[str, Run] = {}
+        self.evicted_total = 0
+
+    # --- messages ------------------------------------------------------------------------
+
+    def hello(self, hello: Hello, now: float) -> Joined:
+        """A probe connected as (hello.run, hello.rank). Raises ProtocolError when the run
+        cannot be joined (another layout while it is running, rank out of range, full)."""
+        if hello.rank >= hello.world_size:
+            raise ProtocolError(CLOSE_POLICY, f"rank {hello.rank} is not below world_size {hello.world_size}")
+        events: list[Event] = []
+        run = self.runs.get(hello.run)
+        if run is not None and not self._can_rejoin(run, hello):
+            if not run.ended:
+                raise ProtocolError(
+                    CLOSE_POLICY,
+                    f"run {hello.run!r} is running with another layout (world_size, sharded, layers);"
+                    " use another run name",
+                )
+            run = None  # an ended run's name is reused by a new training: start afresh
+        if run is None:
+            events += self._make_room(hello.run)
+            run = self._new_run(hello, now)
+            events.append(RunStarted(run.name, hello.world_size, hello.sharded, hello.actions))
+        rank = run.ranks.setdefault(hello.rank, RankState(last_seen=now))
+        rank.connected, rank.bye, rank.lost, rank.last_seen = True, None, False, now
+        run.last_seen = now
+        events += self._update_status(run, now)
+        with_actions = hello.actions and self.planner.enabled
+        welcome = Welcome(run=run.name, actions=with_actions)
+        actions = self.planner.arming(run.action_state) if with_actions else []
+        for action in actions:
+            run.actions_total[(action.kind, "armed")] += 1
+        return Joined(welcome, actions, events)
+
+    def steps(self, run_name: str, rank: int, message: Steps, now: float) -> list[Event]:
+        run, state = self._touch(run_name, rank, now)
+        state.dropped += message.dropped
+        for record in message.records:
+            if record.step <= run.last_merged_step:
+                continue  # replayed after a reconnect: already merged
+            state.max_step = max(state.max_step, record.step)
+            if record.step_time is not None:
+                state.step_time = record.step_time
+            if record.step not in run.pending:
+                run.pending[record.step] = {}
+                run.pending_since[record.step] = now
+            run.pending[record.step][rank] = record
+        return self._update_status(run, now) + self._merge_ready(run, now)
+
+    def heartbeat(self, run_name: str, rank: int, now: float) -> list[Event]:
+        run, _ = self._touch(run_name, rank, now)
+        return self._update_status(run, now)
+
+    def ack(self, run_name: str, rank: int, ack: Ack, now: float) -> list[Event]:
+        run, _ = self._touch(run_name, rank, now)
+        _, alert_kind = run.action_state.sent.get(ack.id, (ack.kind, "unknown"))
+        run.actions_total[(ack.kind, ack.outcome)] += 1
+        return self._update_status(run, now) + [ActionAcked(run.name, rank, ack, alert_kind)]
+
+    def bye(self, run_name: str, rank: int, bye: Bye, now: float) -> list[Event]:
+        run, state = self._touch(run_name, rank, now)
+        state.bye = bye
+        state.dropped = max(state.dropped, bye.dropped)
+        return self._merge_ready(run, now) + self._update_status(run, now)
+
+    def disconnect(self, run_name: str, rank: int) -> None:
+        """The connection closed. Without a bye, the rank may be reconnecting: it is only
+        declared lost by `tick` after `heartbeat_timeout` of silence."""
+        run = self.runs.get(run_name)
+        if run is not None and rank in run.ranks:
+            run.ranks[rank].connected = False
+
+    def tick(self, now: float) -> list[Event]:
+        """Called periodically: heartbeat timeouts (rank lost, run lost)."""
+        events: list[Event] = []
+        for run in list(self.runs.values()):
+            if run.status in ("finished", "stopped", "crashed"):
+                continue
+            events += self._update_status(run, now)
+            events += self._merge_ready(run, now)
+        return events
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def visible_runs(self, now: float, grace: float) -> Iterable[Run]:
+        """Runs whose series belong on /metrics: not ended, or ended less than `grace` ago."""
+        return (r for r in self.runs.values() if r.ended_at is None or now - r.ended_at < grace)
+
+    def status_counts(self) -> Mapping[str, int]:
+        counts = Counter(r.status for r in self.runs.values())
+        return {s: counts.get(s, 0) for s in RUN_STATUSES}
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _can_rejoin(self, run: Run, hello: Hello) -> bool:
+        if not same_layout(run.hello, hello):
+            return False
+        # A finished run whose name comes back is a new training; a lost one is the same
+        # training reconnecting after a long outage (or the collector's own restart).
+        return run.status not in ("finished", "stopped", "crashed")
+
+    def _new_run(self, hello: Hello, now: float) -> Run:
+        run = Run(
+            name=hello.run,
+            hello=hello,
+            started=now,
+            last_seen=now,
+            detectors=self._new_detectors(),
+            history=deque(maxlen=self.retention.history_steps),
+            layers=tuple(hello.layers),
+        )
+        self.runs[run.name] = run
+        return run
+
+    def _make_room(self, incoming: str) -> list[Event]:
+        self.runs.pop(incoming, None)
+        if len(self.runs) < self.retention.max_runs:
+            return []
+        ended = [r for r in self.runs.values() if r.ended]
+        if not ended:
+            raise ProtocolError(
+                CLOSE_POLICY,
+                f"the collector already tracks max_runs={self.retention.max_runs} running runs",
+            )
+        oldest = min(ended, key=lambda r: r.ended_at or r.last_seen)
+        del self.runs[oldest.name]
+        self.evicted_total += 1
+        return [RunEvicted(oldest.name)]
+
+    def _touch(self, run_name: str, rank: int, now: float) -> tuple[Run, RankState]:
+        run = self.runs[run_name]
+        state = run.ranks[rank]
+        state.last_seen = run.last_seen = now
+        state.lost = False
+        return run, state
+
+    def _update_status(self, run: Run, now: float) -> list[Event]:
+        events: list[Event] = []
+        timeout = self.retention.heartbeat_timeout
+        for state in run.ranks.values():
+            if state.bye is None and not state.lost and now - state.last_seen > timeout:
+                state.lost = True
+        # Ranks that never said hello are only tracked as a count (world_size may be huge).
+        missing = run.hello.world_size - len(run.ranks)
+        run.missing_ranks_lost = missing > 0 and now - run.started > timeout
+        byes = [s.bye for s in run.ranks.values() if s.bye is not None]
+        lost = sorted(r for r, s in run.ranks.items() if s.lost)
+        if len(byes) == len(run.ranks) and (missing == 0 or run.missing_ranks_lost):
+            statuses = {b.status for b in byes}
+            new: RunStatus = "crashed" if "crashed" in statuses else "stopped" if "stopped" in statuses else "finished"
+            reason = "; ".join(b.reason for b in byes if b.reason) or "all ranks said bye"
+        elif not any(s.reporting for s in run.ranks.values()) and (missing == 0 or run.missing_ranks_lost):
+            new, reason = "lost", f"no message for {timeout:g} s (heartbeat timeout)"
+        elif lost or run.missing_ranks_lost:
+            gone = [*map(str, lost)] + ([f"{missing} that never connected"] if run.missing_ranks_lost else [])
+            new, reason = "degraded", f"rank(s) {', '.join(gone)} stopped reporting"
+        else:
+            new, reason = "running", "reporting"
+        events += self._set_alert(
+            run, "run_lost", None, new == "lost", "critical", f"run {run.name} stopped reporting: {reason}"
+        )
+        degraded = new == "degraded"
+        for rank in run.ranks:
+            events += self._set_alert(
+                run, "rank_lost", f"rank{rank}", degraded and rank in lost, "warning",
+                f"rank {rank} of {run.name} sent nothing for {timeout:g} s",
+            )
+        events += self._set_alert(
+            run, "rank_lost", "missing", degraded and run.missing_ranks_lost, "warning",
+            f"{missing} of {run.hello.world_size} ranks of {run.name} never connected",
+        )
+        if new != run.status:
+            events.append(StatusChanged(run.name, run.status, new, reason))
+            run.status = new
+            run.ended_at = now if new in ENDED_STATUSES else None
+        return events
+
+    def _set_alert(
+        self, run: Run, kind: str, key: str | None, active: bool, severity: Severity, message: str
+    ) -> list[Event]:
+        """Lifecycle alerts (run_lost, rank_lost), with the same fire-once/resolve-once
+        hysteresis the detectors have."""
+        was_active = (kind, key) in run.active_alerts
+        if active == was_active:
+            return []
+        step = max(run.last_merged_step, 0)
+        if active:
+            event = AlertEvent(kind, severity, step, message)
+        else:
+            message = f"resolved: {run.active_alerts[(kind, key)].message}"
+            event = AlertEvent(kind, severity, step, message, resolved=True)
+        return self._record_alert(run, event, key)
+
+    def _record_alert(self, run: Run, event: AlertEvent, key: str | None) -> list[Event]:
+        events: list[Event] = [AlertRaised(run.name, event)]
+        if event.resolved:
+            run.active_alerts.pop((event.kind, key), None)
+            return events
+        run.active_alerts[(event.kind, key)] = event
+        run.alerts_total[event.kind] += 1
+        if run.hello.actions:
+            for action in self.planner.on_alert(
+                run.action_state, event, run.highest_step, run.steps_per_second()
+            ):
+                run.actions_total[(action.kind, "sent")] += 1
+                events.append(ActionIssued(run.name, action, event.kind))
+        return events
+
+    def _merge_ready(self, run: Run, now: float) -> list[Event]:
+        if not run.pending:
+            return []
+        progress = [s.max_step for s in run.ranks.values() if s.reporting]
+        if len(run.ranks) < run.hello.world_size and not run.missing_ranks_lost:
+            progress.append(-1)  # ranks that have not connected yet hold merging back too
+        watermark = min(progress, default=math.inf)
+        events: list[Event] = []
+        for step in sorted(run.pending):
+            waited = now - run.pending_since[step] >= self.retention.rank_wait_seconds
+            if step > watermark and not waited and len(run.pending) <= MAX_PENDING_STEPS:
+                break
+            del run.pending_since[step]
+            merged = merge_step(step, run.pending.pop(step), run.hello.sharded, run.layers)
+            events += self._observe(run, merged)
+        return events
+
+    def _observe(self, run: Run, merged: MergedStep) -> list[Event]:
+        obs = merged.observation
+        run.last_merged_step = obs.step
+        run.latest.update(merged)
+        run.steps_total += 1
+        run.skipped_steps_total += obs.skipped
+        run.nonfinite_steps_total += is_nonfinite(obs)
+        if obs.layer_grad_norm is not None:
+            run.latest_layer_detail = obs
+            obs_for_history = dataclasses.replace(
+                obs, layer_grad_norm=None, layer_weight_norm=None, layer_update_ratio=None
+            )
+        else:
+            obs_for_history = obs
+        # The ring buffer keeps whole-run values only: per-layer detail of thousands of
+        # layers times thousands of steps would not be bounded in any useful sense.
+        run.history.append(obs_for_history)
+        events: list[Event] = []
+        for detector in list(run.detectors):
+            try:
+                alerts = detector.observe(obs)
+            except Exception as err:  # a detector bug must not take ingest down
+                run.detectors.remove(detector)
+                events.append(DetectorFailed(run.name, detector.kind, f"{type(err).__name__}: {err}"))
+                continue
+            for alert in alerts:
+                events += self._record_alert(run, alert, alert.layer)
+        return events
+
+
+# --- merging ---------------------------------------------------------------------------------
+
+
+def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, layers: tuple[str, ...]) -> MergedStep:
+    """Merge the records of one step from several ranks into one observation."""
+    ranks = sorted(by_rank)
+    records = [by_rank[r] for r in ranks]
+    first = records[0]
+    if sharded:
+        grad_sq = _sum_scalars(r.grad_norm_sq for r in records)
+        layer_grad_sq = _sum_layers([r.layer_grad_sq for r in records])
+        layer_weight_sq = _sum_layers([r.layer_weight_sq for r in records])
+        layer_update_sq = _sum_layers([r.layer_update_sq for r in records])
+    else:
+        grad_sq = first.grad_norm_sq
+        layer_grad_sq, layer_weight_sq, layer_update_sq = (
+            first.layer_grad_sq, first.layer_weight_sq, first.layer_update_sq
+        )
+    losses = [r.loss for r in records if r.loss is not None]
+    scalars: dict[str, float] = {}
+    for record in reversed(records):  # the lowest rank wins a name several ranks log
+        scalars.update(record.scalars)
+    n_layers = len(layers)
+    observation = Observation(
+        step=step,
+        time=max(r.time for r in records),
+        loss=sum(losses) / len(losses) if losses else None,
+        grad_norm=_root(grad_sq),
+        grad_norm_preclip=first.grad_norm_preclip,
+        nonfinite_layers=max(r.nonfinite_layers for r in records),
+        skipped=any(r.skipped for r in records),
+        loss_scale=first.loss_scale,
+        lr=tuple(first.lr),
+        scalars=scalars,
+        layers=layers,
+        layer_grad_norm=_aligned(layer_grad_sq, n_layers, _root),
+        layer_weight_norm=_aligned(layer_weight_sq, n_layers, _root),
+        layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, n_layers),
+    )
+    return MergedStep(observation, tuple(first.momentum), tuple(first.weight_decay))
+
+
+def is_nonfinite(obs: Observation) -> bool:
+    values = (obs.loss, obs.grad_norm)
+    return obs.nonfinite_layers > 0 or any(v is not None and not math.isfinite(v) for v in values)
+
+
+def _root(squared: float | None) -> float | None:
+    if squared is None:
+        return None
+    if math.isnan(squared) or squared < 0:
+        return math.nan  # a negative square is a probe bug; show it, do not crash on it
+    return math.sqrt(squared)
+
+
+def _sum_scalars(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
+
+
+def _sum_layers(per_rank: Sequence[Sequence[float | None] | None]) -> list[float | None] | None:
+    """Element-wise sum over ranks; a layer is None only if no rank has a value for it."""
+    present = [v for v in per_rank if v is not None]
+    if not present:
+        return None
+    width = max(len(v) for v in present)
+    sums: list[float | None] = []
+    for i in range(width):
+        values = [v[i] for v in present if i < len(v) and v[i] is not None]
+        sums.append(sum(values) if values else None)  # type: ignore[arg-type]
+    return sums
+
+
+def _aligned(
+    values: Sequence[float | None] | None, n: int, f: Callable[[float | None], float | None]
+) -> tuple[float | None, ...] | None:
+    """Per-layer values aligned with hello.layers: a probe sending the wrong length is padded
+    with None / truncated rather than misattributing values to layers."""
+    if values is None:
+        return None
+    out = [f(v) for v in values[:n]]
+    return tuple(out + [None] * (n - len(out)))
+
+
+def _ratios(
+    update_sq: Sequence[float] | None, weight_sq: Sequence[float] | None, n: int
+) -> tuple[float | None, ...] | None:
+    if update_sq is None or weight_sq is None:
+        return None
+    ratios: list[float | None] = []
+    for u, w in zip(update_sq[:n], weight_sq[:n]):
+        du, nw = _root(u), _root(w)
+        if du is None or nw is None:
+            ratios.append(None)
+        elif nw == 0:
+            ratios.append(0.0 if du == 0 else math.inf)
+        else:
+            ratios.append(du / nw)
+    return tuple(ratios + [None] * (n - len(ratios)))

@@ -1,0 +1,374 @@
+"""End to end: a real collector subprocess, real websocket clients speaking the protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import ssl
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from gradwatch.collector.server import EmbeddedCollector
+from gradwatch.protocol import (
+    CLOSE_INVALID_MESSAGE,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED_VERSION,
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Heartbeat,
+    Hello,
+    StepRecord,
+    Steps,
+    Welcome,
+    decode_collector_message,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from conftest import CollectorProcess
+
+pytestmark = pytest.mark.slow
+
+LAYERS = ["embed", "block.0.attn", "head"]
+
+
+@pytest.fixture
+def open_probe() -> Iterator[Callable[..., tuple[ClientConnection, list]]]:
+    """open_probe(url, run, token=None, **hello) connects, says hello and returns the
+    connection and the collector's welcome; connections are closed after the test."""
+    with ExitStack() as stack:
+        yield lambda url, run, token=None, **hello: _hello(stack, url, run, token, **hello)
+
+
+def _hello(stack: ExitStack, url: str, run: str, token: str | None, **hello: object) -> tuple[ClientConnection, list]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    ws = stack.enter_context(connect(url, additional_headers=headers))
+    ws.send(encode(Hello(v=PROTOCOL_VERSION, run=run, layers=hello.pop("layers", LAYERS), **hello)))
+    answers = [decode_collector_message(ws.recv(timeout=10))]
+    assert isinstance(answers[0], Welcome)
+    return ws, answers
+
+
+def steps(*records: StepRecord, dropped: int = 0) -> str:
+    return encode(Steps(records=list(records), dropped=dropped))
+
+
+def rec(step: int, **kw: object) -> StepRecord:
+    layer = {"layer_grad_sq": [0.25, 1.0, 4.0], "layer_weight_sq": [100.0, 100.0, 100.0],
+             "layer_update_sq": [0.01, 0.01, 0.01]}
+    return StepRecord(**{"step": step, "time": time.time(), "loss": 2.0 - step * 0.01, "grad_norm_sq": 5.25,
+                         "lr": [0.1], "step_time": 0.05, **layer, **kw})
+
+
+def metrics_when(collector: CollectorProcess, predicate: Callable[[str], bool], what: str) -> str:
+    """Poll /metrics until `predicate` holds on it; that exposition."""
+    return collector.wait_for(lambda: (lambda m: m if predicate(m) else None)(collector.metrics()), what=what)
+
+
+def series(metrics: str, name: str, **labels: str) -> float | None:
+    """The value of one series in an exposition, or None when it is absent."""
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+        if line.split("{")[0].split(" ")[0] == name and found == labels:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def promtool_check(metrics: str) -> None:
+    result = subprocess.run(["promtool", "check", "metrics"], input=metrics.encode(), capture_output=True)
+    # promtool exits 3 for lint warnings only (e.g. HELP style); 1 means invalid exposition.
+    assert result.returncode in (0, 3), result.stderr.decode() + result.stdout.decode()
+    assert b"error" not in result.stderr.lower(), result.stderr.decode()
+
+
+def closed_with(ws: ClientConnection) -> tuple[int, str]:
+    """Wait for the collector to close `ws`; its close code and reason."""
+    with pytest.raises(ConnectionClosed) as info:
+        while True:
+            ws.recv(timeout=10)
+    assert info.value.rcvd is not None, "the collector closed without a close frame"
+    return info.value.rcvd.code, info.value.rcvd.reason
+
+
+def test_ingest_to_metrics_runs_and_alerts(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "train-1", param_groups=1)
+    ws.send(steps(*[rec(s, scalars={"val_loss": 2.5}) for s in range(1, 6)], dropped=3))
+    ws.send(steps(rec(6, loss=math.nan, grad_norm_sq=math.inf, nonfinite_layers=1)))
+    ws.send(encode(Heartbeat(time=time.time())))
+    metrics = metrics_when(collector, lambda m: series(m, "gradwatch_run_step", run="train-1") == 6, "step 6")
+    promtool_check(metrics)
+    expected = {
+        ("gradwatch_run_up", ()): 1.0,
+        ("gradwatch_run_status", (("status", "running"),)): 1.0,
+        ("gradwatch_steps_total", ()): 6.0,
+        ("gradwatch_grad_norm", ()): math.inf,
+        ("gradwatch_loss", (("split", "val"),)): 2.5,
+        ("gradwatch_learning_rate", (("group", "0"),)): 0.1,
+        ("gradwatch_layer_grad_norm", (("layer", "head"),)): 2.0,
+        ("gradwatch_layer_weight_norm", (("layer", "embed"),)): 10.0,
+        ("gradwatch_layer_update_ratio", (("layer", "embed"),)): 0.01,
+        ("gradwatch_nonfinite_layers", ()): 1.0,
+        ("gradwatch_nonfinite_steps_total", ()): 1.0,
+        ("gradwatch_step_duration_seconds", (("rank", "0"),)): 0.05,
+        ("gradwatch_probe_dropped_records_total", (("rank", "0"),)): 3.0,
+        ("gradwatch_alert_active", (("kind", "nonfinite"), ("severity", "critical"))): 1.0,
+        ("gradwatch_alert_active", (("kind", "plateau"), ("severity", "warning"))): 0.0,
+        ("gradwatch_alerts_total", (("kind", "nonfinite"),)): 1.0,
+    }
+    for (name, labels), value in expected.items():
+        assert series(metrics, name, run="train-1", **dict(labels)) == value, name
+    assert math.isnan(series(metrics, "gradwatch_loss", run="train-1", split="train"))
+    assert series(metrics, "gradwatch_collector_messages_total", type="steps") == 2
+    assert series(metrics, "gradwatch_collector_connections") == 1
+
+    ws.send(encode(Bye()))
+    ws.close()
+    run = collector.wait_for(
+        lambda: next((r for r in collector.get_json("/api/runs") if r["status"] == "finished"), None),
+        what="run finished",
+    )
+    assert {k: run[k] for k in ("name", "last_step", "world_size")} == {"name": "train-1", "last_step": 6,
+                                                                         "world_size": 1}
+    [alert] = collector.get_json("/api/alerts?run=train-1")
+    assert {k: alert[k] for k in ("run", "kind", "severity", "step", "layer", "event")} == {
+        "run": "train-1", "kind": "nonfinite", "severity": "critical", "step": 6, "layer": None, "event": "fired"}
+    assert alert["message"] and alert["time"] > 0 and alert["id"] == 1
+    assert collector.get_json("/api/alerts?run=other") == []
+    assert "alert nonfinite fired: run train-1 step 6" in collector.logs()
+
+
+def test_sharded_ranks_sum_squared_norms(collector, open_probe):
+    ranks = [open_probe(collector.ws_url, "fsdp", rank=r, world_size=2, sharded=True)[0] for r in (0, 1)]
+    for ws, grad_sq in zip(ranks, (9.0, 16.0)):
+        ws.send(steps(rec(1, grad_norm_sq=grad_sq, layer_grad_sq=[grad_sq, 0.0, 0.0])))
+    metrics = metrics_when(collector, lambda m: series(m, "gradwatch_steps_total", run="fsdp") == 1, "merged step")
+    assert series(metrics, "gradwatch_grad_norm", run="fsdp") == 5.0
+    assert series(metrics, "gradwatch_layer_grad_norm", run="fsdp", layer="embed") == 5.0
+    assert series(metrics, "gradwatch_run_ranks", run="fsdp") == 2
+    assert series(metrics, "gradwatch_run_world_size", run="fsdp") == 2
+
+
+BAD_INPUT = [
+    # (name, frames sent after connecting, close code, reason contains, rejects label)
+    ("not json", ["{nope"], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
+    ("wrong types", ['{"type":"hello","v":1,"run":"x","layers":"embed"}'], CLOSE_INVALID_MESSAGE, "layers",
+     "invalid_message"),
+    ("unknown type", ['{"type":"gimme"}'], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
+    ("bad run name", ['{"type":"hello","v":1,"run":"a\\"b\\nc","layers":[]}'], CLOSE_INVALID_MESSAGE, "run",
+     "invalid_message"),
+    ("future version", ['{"type":"hello","v":99,"run":"x","layers":[],"new_field":1}'], CLOSE_UNSUPPORTED_VERSION,
+     "version 99", "unsupported_version"),
+    ("no hello", [encode(Heartbeat(time=1.0))], CLOSE_POLICY, "first message must be a hello", "no_hello"),
+    ("oversize", ["x" * 70_000], CLOSE_TOO_BIG, "exceeds limit", "too_big"),
+    ("bad steps after hello", [encode(Hello(v=PROTOCOL_VERSION, run="bad", layers=[])), '{"type":"steps"}'],
+     CLOSE_INVALID_MESSAGE, "records", "invalid_message"),
+    ("flood", [encode(Hello(v=PROTOCOL_VERSION, run="flood", layers=[]))]
+     + [encode(Heartbeat(time=1.0))] * 200, CLOSE_POLICY, "rate limit", "rate_limited"),
+]
+
+
+def test_bad_input_is_refused_with_a_reason_while_a_good_client_streams(start_collector, open_probe):
+    collector = start_collector("[server]\nmax_frame_bytes = 65536\nmax_messages_per_second = 30\n")
+    good, _ = open_probe(collector.ws_url, "good")
+    step = 0
+    for name, frames, code, reason, _ in BAD_INPUT:
+        step += 1
+        good.send(steps(rec(step)))
+        with connect(collector.ws_url, max_size=None) as bad:
+            try:
+                for frame in frames:
+                    bad.send(frame)
+            except ConnectionClosed:
+                pass  # the flood is cut off mid-way
+            got_code, got_reason = closed_with(bad)
+        assert got_code == code, (name, got_reason)
+        assert reason in got_reason, (name, got_reason)
+    good.send(steps(rec(step + 1)))
+    good.send(encode(Bye()))
+    good.close()
+    collector.wait_for(lambda: any(r["status"] == "finished" for r in collector.get_json("/api/runs")),
+                       what="the good run to finish")
+    metrics = collector.metrics()
+    promtool_check(metrics)
+    assert series(metrics, "gradwatch_steps_total", run="good") == len(BAD_INPUT) + 1  # nothing lost
+    expected = {}
+    for *_, label in BAD_INPUT:
+        expected[label] = expected.get(label, 0) + 1
+    for label, count in expected.items():
+        assert series(metrics, "gradwatch_collector_rejected_messages_total", reason=label) == count, label
+    # one log line per refused connection
+    assert collector.logs().count("closed ") == len(BAD_INPUT)
+
+
+def test_token_is_required_when_configured(start_collector, open_probe):
+    collector = start_collector(env={"GRADWATCH_TOKEN": "s3cret"})
+    for token in (None, "wrong"):
+        with pytest.raises(InvalidStatus) as info:
+            open_probe(collector.ws_url, "r", token=token)
+        assert info.value.response.status_code == 401
+    ws, _ = open_probe(collector.ws_url, "r", token="s3cret")
+    ws.close()
+    assert series(collector.metrics(), "gradwatch_collector_rejected_messages_total", reason="unauthorized") == 2
+
+
+def test_silent_run_is_lost_after_heartbeat_timeout(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "silent")
+    ws.send(steps(rec(1)))
+    ws.close()  # no bye: the training process died
+    collector.wait_for(lambda: collector.get_json("/api/runs")[0]["status"] == "lost", what="run lost")
+    [alert] = collector.get_json("/api/alerts?run=silent")
+    assert (alert["kind"], alert["severity"], alert["event"]) == ("run_lost", "critical", "fired")
+    metrics = collector.metrics()
+    assert series(metrics, "gradwatch_alert_active", run="silent", kind="run_lost", severity="critical") == 1
+    assert series(metrics, "gradwatch_run_up", run="silent") == 0
+    assert "run silent lost" in collector.logs()
+
+
+def test_ended_run_series_disappear_after_grace(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "done")
+    ws.send(steps(rec(1)))
+    ws.send(encode(Bye()))
+    ws.close()
+    collector.wait_for(lambda: series(collector.metrics(), "gradwatch_run_up", run="done") == 0, what="run ended")
+    collector.wait_for(lambda: 'run="done"' not in collector.metrics(), what="series gone after grace")
+    assert series(collector.metrics(), "gradwatch_collector_runs", status="finished") == 1
+    assert collector.get_json("/api/runs")[0]["name"] == "done"  # still listed
+
+
+def test_layer_cap(start_collector, open_probe):
+    collector = start_collector("[metrics]\nlayer_cap = 2\n")
+    ws, _ = open_probe(collector.ws_url, "wide")
+    ws.send(steps(rec(1)))
+    metrics = metrics_when(collector, lambda m: series(m, "gradwatch_steps_total", run="wide") == 1, "the step")
+    assert series(metrics, "gradwatch_layers_dropped", run="wide") == 1
+    assert series(metrics, "gradwatch_collector_layer_cap") == 2
+    assert len(re.findall(r"^gradwatch_layer_grad_norm\{", metrics, re.M)) == 2
+    ws.close()
+
+
+def test_history_survives_kill_9_and_restart(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "durable")
+    ws.send(steps(rec(1), rec(2, nonfinite_layers=2)))
+    before = collector.wait_for(lambda: collector.get_json("/api/alerts"), what="the alert")
+    collector.kill()
+    collector.start()
+    assert collector.get_json("/api/alerts") == before
+    [run] = collector.get_json("/api/runs")
+    assert (run["name"], run["status"]) == ("durable", "lost")  # not known to be alive any more
+
+
+POLICY = """
+[detectors.nonfinite]
+resolve_after = 1
+[actions.nonfinite]
+action = "reduce_lr"
+factor = 0.25
+cooldown = 100
+[actions.loss_spike]
+action = "skip_step"
+"""
+
+
+def test_actions_go_only_to_runs_that_opted_in_and_respect_cooldown(start_collector, open_probe):
+    collector = start_collector(POLICY)
+    with_actions, answers = open_probe(collector.ws_url, "acting", actions=True)
+    without, quiet = open_probe(collector.ws_url, "passive", actions=False)
+    assert answers[0].actions is True and quiet[0].actions is False
+    armed = decode_collector_message(with_actions.recv(timeout=10))
+    assert (armed.kind, armed.params) == ("skip_step", {"on": "loss_spike"})
+
+    # non-finite at 2 (action), resolved at 3, again at 10: inside the 100-step cooldown
+    trace = [rec(1), rec(2, nonfinite_layers=1), rec(3), rec(10, nonfinite_layers=1), rec(11)]
+    for ws in (with_actions, without):
+        ws.send(steps(*trace))
+    action = decode_collector_message(with_actions.recv(timeout=10))
+    assert (action.kind, action.params) == ("reduce_lr", {"factor": 0.25, "min_lr": 1e-6})
+    assert action.step >= 11 + 2  # ahead of the highest step seen
+    with_actions.send(encode(Ack(id=action.id, kind="reduce_lr", step=action.step, outcome="applied")))
+    for ws in (with_actions, without):
+        ws.send(encode(Bye()))
+    collector.wait_for(
+        lambda: sum(r["status"] == "finished" for r in collector.get_json("/api/runs")) == 2, what="both finished"
+    )
+    for ws in (with_actions, without):  # nothing more was sent to either
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.2)
+        ws.close()
+
+    events = [(e["event"], e["kind"], e["action"], e["outcome"]) for e in collector.get_json("/api/alerts?run=acting")]
+    assert events == [
+        ("fired", "nonfinite", None, None), ("action", "nonfinite", "reduce_lr", "sent"),
+        ("resolved", "nonfinite", None, None), ("fired", "nonfinite", None, None),
+        ("resolved", "nonfinite", None, None), ("ack", "nonfinite", "reduce_lr", "applied"),
+    ]
+    assert all(e["event"] in ("fired", "resolved") for e in collector.get_json("/api/alerts?run=passive"))
+    metrics = collector.metrics()
+    for outcome, count in (("armed", 1), ("sent", 1), ("applied", 1)):
+        action_kind = "skip_step" if outcome == "armed" else "reduce_lr"
+        assert series(metrics, "gradwatch_actions_total", run="acting", action=action_kind, outcome=outcome) == count
+    assert not re.search(r'^gradwatch_actions_total\{[^}]*run="passive"', metrics, re.M)
+
+
+BAD_QUERIES = [
+    ("/api/alerts?run=a%22b", "run must be"),
+    ("/api/alerts?limit=-1", "limit must be"),
+    ("/api/alerts?after=1e9", "after must be"),
+    ("/api/alerts?bogus=1", "unknown query parameter 'bogus'"),
+    ("/api/alerts?run=a&run=b", "once"),
+    ("/api/runs?status=zombie", "status must be"),
+    ("/metrics?x=1", "takes none"),
+]
+
+
+def test_bad_query_parameters_get_400_with_a_reason(collector):
+    for path, error in BAD_QUERIES:
+        status, body = collector.get(path)
+        assert (status, error in json.loads(body)["error"]) == (400, True), (path, body)
+    assert collector.get("/healthz")[0] == 200
+
+
+def test_embedded_collector_serves_in_a_thread(open_probe):
+    with EmbeddedCollector() as embedded:
+        data_dir = embedded.server.config.server.data_dir
+        ws, _ = open_probe(embedded.ws_url, "embedded")
+        ws.send(steps(rec(1)))
+        ws.send(encode(Bye()))
+        ws.close()
+
+        def finished_run() -> dict | None:
+            with urllib.request.urlopen(embedded.http_url + "/api/runs", timeout=10) as response:
+                return next((r for r in json.load(response) if r["status"] == "finished"), None)
+
+        deadline = time.monotonic() + 20
+        while (run := finished_run()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run is not None and (run["name"], run["last_step"]) == ("embedded", 1)
+    assert not data_dir.exists()  # its temporary data dir is removed on stop
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_tls_serves_wss(start_collector, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    collector = start_collector(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    assert collector.ws_url.startswith("wss://")
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    with connect(collector.ws_url, ssl=client_tls) as ws:
+        ws.send(encode(Hello(v=PROTOCOL_VERSION, run="secure", layers=LAYERS)))
+        assert isinstance(decode_collector_message(ws.recv(timeout=10)), Welcome)
