@@ -2,7 +2,9 @@
 
 Probe -> collector: ``hello`` (once per connection, first), then any number of ``steps``
 batches, ``ack`` for actions, ``heartbeat`` when idle, ``bye`` at detach.
-Collector -> probe: ``welcome`` (answer to hello), ``action``.
+Collector -> probe: ``welcome`` (answer to hello), ``received`` (after each ``steps``
+batch is taken in: the probe keeps sent records until then and replays the rest after a
+reconnect, so a collector killed mid-batch loses nothing), ``action``.
 
 Norms travel squared (``*_sq``) so that the collector can *sum* the partial squared norms
 of sharded parameters (FSDP2 / DTensor) across ranks; it never averages them.
@@ -151,6 +153,13 @@ class Welcome(_Message):
     actions: bool = False  # the collector has an actions policy for this run
 
 
+class Received(_Message):
+    """Every record up to `step` sent on this connection has been taken in."""
+
+    type: Literal["received"] = "received"
+    step: Count
+
+
 class Action(_Message):
     """An instruction from the collector; the probe applies it at the first boundary >= step."""
 
@@ -163,10 +172,10 @@ class Action(_Message):
 
 
 ProbeMessage = Annotated[Union[Hello, Steps, Heartbeat, Ack, Bye], Field(discriminator="type")]
-CollectorMessage = Annotated[Union[Welcome, Action], Field(discriminator="type")]
+CollectorMessage = Annotated[Union[Welcome, Received, Action], Field(discriminator="type")]
 
 _probe_adapter: TypeAdapter[Hello | Steps | Heartbeat | Ack | Bye] = TypeAdapter(ProbeMessage)
-_collector_adapter: TypeAdapter[Welcome | Action] = TypeAdapter(CollectorMessage)
+_collector_adapter: TypeAdapter[Welcome | Received | Action] = TypeAdapter(CollectorMessage)
 
 
 class ProtocolError(ValueError):
@@ -193,7 +202,7 @@ def decode_probe_message(data: str | bytes) -> Hello | Steps | Heartbeat | Ack |
         raise ProtocolError(CLOSE_INVALID_MESSAGE, _describe(err)) from None
 
 
-def decode_collector_message(data: str | bytes) -> Welcome | Action:
+def decode_collector_message(data: str | bytes) -> Welcome | Received | Action:
     try:
         return _collector_adapter.validate_json(data)
     except ValidationError as err:

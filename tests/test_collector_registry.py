@@ -256,11 +256,12 @@ def test_action_cooldown_in_steps():
     trace = [(1, 50.0), (2, 1.0), (51, 50.0), (52, 1.0), (151, 50.0)]
     events = [e for s, x in trace for e in reg.steps("r", 0, Steps(records=[record(s, loss=x)]), float(s))]
     assert [e.alert.step for e in events if isinstance(e, AlertRaised) and not e.alert.resolved] == [1, 51, 151]
-    assert [e.action.step for e in events if isinstance(e, ActionIssued)] == [1 + 2, 151 + 2]
+    assert [e.action.step for e in events if isinstance(e, ActionIssued)] == [1 + 1, 151 + 1]
 
 
-def test_action_step_leads_by_about_a_second_of_steps():
-    assert [lead_steps(r) for r in (None, 0.5, 10.0, 250.0)] == [2, 2, 10, 250]
+def test_action_step_leads_by_about_a_second_of_steps_for_distributed_runs():
+    assert [lead_steps(r, world_size=4) for r in (None, 0.5, 10.0, 250.0)] == [2, 2, 10, 250]
+    assert [lead_steps(r, world_size=1) for r in (None, 250.0)] == [1, 1]  # next boundary
 
 
 def test_acks_are_traced_to_their_alert():

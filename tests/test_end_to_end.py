@@ -106,6 +106,28 @@ def test_collector_killed_mid_run_and_restarted(collector) -> None:
     assert runs["outage"]["last_step"] == 600
 
 
+def test_collector_stalled_then_resumed(collector) -> None:
+    """SIGSTOP: the collector accepts but reads nothing. Training is not held up; once it
+    resumes, everything buffered arrives."""
+    import os
+    import signal
+
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = gradwatch.attach(model, opt, url=collector.ws_url, name="stalled", every=1)
+
+    def stall(step: int) -> None:
+        if step == 50:
+            os.kill(collector.proc.pid, signal.SIGSTOP)
+            threading.Timer(3.0, os.kill, (collector.proc.pid, signal.SIGCONT)).start()
+
+    _train(model, opt, batches(400), run, pace=0.01, on_step=stall)
+    run.detach()
+    assert run.dropped == 0
+    runs = {r["name"]: r for r in collector.get_json("/api/runs")}
+    assert runs["stalled"]["last_step"] == 400
+
+
 def test_collector_not_running_at_start(start_collector, tmp_path: Path) -> None:
     """The probe buffers until a collector appears, then delivers everything."""
     import socket

@@ -35,7 +35,12 @@ class RunActionState:
         self.sent[action.id] = (action.kind, alert_kind)
 
 
-def lead_steps(steps_per_second: float | None) -> int:
+def lead_steps(steps_per_second: float | None, world_size: int) -> int:
+    """Steps between the highest step seen and the one an action applies at. A single
+    process applies it at its next step boundary; ranks of a distributed run need time
+    for the action to reach all of them before that step."""
+    if world_size == 1:
+        return 1
     if steps_per_second is None or not math.isfinite(steps_per_second):
         return MIN_LEAD_STEPS
     return max(MIN_LEAD_STEPS, math.ceil(steps_per_second * LEAD_SECONDS))
@@ -69,6 +74,7 @@ class ActionPlanner:
         event: AlertEvent,
         highest_step: int,
         steps_per_second: float | None,
+        world_size: int = 1,
     ) -> list[Action]:
         """The actions answering a newly fired alert, each outside its cooldown."""
         if event.resolved:
@@ -83,7 +89,7 @@ class ActionPlanner:
             action = Action(
                 id=_new_id(),
                 kind=policy.action,
-                step=max(highest_step, event.step) + lead_steps(steps_per_second),
+                step=max(highest_step, event.step) + lead_steps(steps_per_second, world_size),
                 params=action_params(policy),
                 reason=f"{event.kind} at step {event.step}: {event.message}"[:500],
             )

@@ -435,7 +435,7 @@ class Registry:
         run.alerts_total[event.kind] += 1
         if run.hello.actions:
             for action in self.planner.on_alert(
-                run.action_state, event, run.highest_step, run.steps_per_second()
+                run.action_state, event, run.highest_step, run.steps_per_second(), run.hello.world_size
             ):
                 run.actions_total[(action.kind, "sent")] += 1
                 events.append(ActionIssued(run.name, action, event.kind))

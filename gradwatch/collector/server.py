@@ -67,6 +67,7 @@ from gradwatch.protocol import (
     Heartbeat,
     Hello,
     ProtocolError,
+    Received,
     Steps,
     check_version,
     decode_probe_message,
@@ -311,6 +312,9 @@ class CollectorServer:
             events = self.registry.bye(name, rank, message, now)
         self.stats.messages[message.type] += 1
         await self._handle(events)
+        if isinstance(message, Steps) and message.records:
+            # Only now (alerts written to history) may the probe forget these records.
+            await peer.ws.send(encode(Received(step=max(r.step for r in message.records))))
 
     async def _refuse(self, ws: ServerConnection, refusal: Refused, peer: Peer | None) -> None:
         self._count_refusal(ws, refusal, peer)

@@ -6,8 +6,10 @@ protocol messages and ships them, so that no I/O ever happens on the training th
 - ``file:PATH``: the same frames as JSON lines (an offline spool for ``gradwatch ingest``);
   ranks of a distributed run write ``PATH.rank<N>``.
 
-Memory is bounded: while the collector is unreachable, records are buffered up to
-``max_records``; per-layer detail is the first thing let go (oldest first, beyond
+Sent records are kept until the collector confirms it took them in (``received``); after a
+reconnect the unconfirmed ones are sent again (the collector ignores steps it already has),
+so a collector killed mid-batch loses nothing. Memory is bounded: while the collector is
+unreachable, records are buffered up to ``max_records``; per-layer detail is the first thing let go (oldest first, beyond
 ``max_detail_records``), then the oldest records. Every drop is counted and reported to
 the collector with the next batch, and logged once the link is back.
 """
@@ -27,7 +29,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 from gradwatch import protocol
-from gradwatch.protocol import Action, Bye, Heartbeat, Hello, StepRecord, Steps, Welcome
+from gradwatch.protocol import Action, Bye, Heartbeat, Hello, Received, StepRecord, Steps, Welcome
 
 log = logging.getLogger("gradwatch.probe")
 
@@ -64,6 +66,7 @@ class Transport:
 
         self._backlog: deque[Job | protocol.Ack] = deque()  # training thread -> background thread
         self._buffer: deque[StepRecord] = deque()  # records waiting to be sent
+        self._unconfirmed: deque[StepRecord] = deque()  # sent, not yet confirmed by `received`
         self._detail_in_buffer = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -138,7 +141,7 @@ class Transport:
         while self._buffer:
             if not self._send_batch():
                 return
-        self._receive_actions()
+        self._receive()
         if self._ws is not None and time.monotonic() - self._last_send > self._heartbeat_interval:
             self._send_frame(protocol.encode(Heartbeat(time=time.time())))
 
@@ -163,9 +166,12 @@ class Transport:
             self._detail_in_buffer += 1
         if self._detail_in_buffer > self._max_detail_records:
             self._strip_oldest_detail()
-        while len(self._buffer) > self._max_records:
-            old = self._buffer.popleft()
-            self._detail_in_buffer -= old.layer_grad_sq is not None
+        while len(self._buffer) + len(self._unconfirmed) > self._max_records:
+            if self._unconfirmed:
+                self._unconfirmed.popleft()
+            else:
+                old = self._buffer.popleft()
+                self._detail_in_buffer -= old.layer_grad_sq is not None
             self.count_drop()
 
     def _strip_oldest_detail(self) -> None:
@@ -226,6 +232,7 @@ class Transport:
             self._ws_context = stack.pop_all()
 
     def _on_link_failure(self, err: BaseException) -> None:
+        self._requeue_unconfirmed()
         reason = _explain(err)
         delay_cap = 30.0
         if isinstance(err, ConnectionClosed) and err.rcvd is not None and err.rcvd.code in _CLOSE_CODES_NOT_WORTH_RETRYING_SOON:
@@ -244,6 +251,13 @@ class Transport:
         self._next_attempt = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, delay_cap)
         self._disconnect()
+
+    def _requeue_unconfirmed(self) -> None:
+        """Records the collector never confirmed go back to the front of the buffer."""
+        while self._unconfirmed:
+            record = self._unconfirmed.pop()
+            self._buffer.appendleft(record)
+            self._detail_in_buffer += record.layer_grad_sq is not None
 
     def _disconnect(self) -> None:
         if self._ws is not None:
@@ -266,6 +280,8 @@ class Transport:
         for _ in batch:
             old = self._buffer.popleft()
             self._detail_in_buffer -= old.layer_grad_sq is not None
+            if self._ws is not None:
+                self._unconfirmed.append(old)
         self._dropped_unreported = 0
         self.sent += len(batch)
         return True
@@ -289,12 +305,13 @@ class Transport:
         self._spool.write(frame + "\n")
         self._spool.flush()
 
-    def _receive_actions(self) -> None:
+    def _receive(self, wait: float = 0.0) -> None:
+        """Takes in what the collector sent: confirmations and actions."""
         if self._ws is None:
             return
         while True:
             try:
-                data = self._ws.recv(timeout=0)
+                data = self._ws.recv(timeout=wait)
             except TimeoutError:
                 return
             except (ConnectionClosed, OSError, WebSocketException) as err:
@@ -305,10 +322,26 @@ class Transport:
             except protocol.ProtocolError as err:
                 log.warning("gradwatch: ignoring a message from the collector: %s", err.reason)
                 continue
-            if isinstance(message, Action):
+            if isinstance(message, Received):
+                while self._unconfirmed and self._unconfirmed[0].step <= message.step:
+                    self._unconfirmed.popleft()
+                if wait and not self._unconfirmed:
+                    return
+            elif isinstance(message, Action):
                 self._on_action(message)
 
     def _say_bye(self) -> None:
+        deadline = time.monotonic() + 2.0
+        while self._unconfirmed and self._ws is not None and time.monotonic() < deadline:
+            self._receive(wait=0.1)
+        undelivered = len(self._unconfirmed) + len(self._buffer)
+        if undelivered:
+            log.warning("gradwatch: %d steps could not be delivered to %s before detach; counted as dropped",
+                        undelivered, self.url)
+            for _ in range(undelivered):
+                self.count_drop()
+            self._unconfirmed.clear()
+            self._buffer.clear()
         if self._bye is None or not self._ensure_link(final=True):
             return
         bye = self._bye.model_copy(update={"dropped": self.dropped})
