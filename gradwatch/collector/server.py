@@ -13,6 +13,7 @@ connection sends can affect another connection or another run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -313,8 +314,10 @@ class CollectorServer:
         self.stats.messages[message.type] += 1
         await self._handle(events)
         if isinstance(message, Steps) and message.records:
-            # Only now (alerts written to history) may the probe forget these records.
-            await peer.ws.send(encode(Received(step=max(r.step for r in message.records))))
+            # Only now (alerts written to history) may the probe forget these records. A
+            # probe that already closed must not cut short the frames it sent before (a bye).
+            with contextlib.suppress(ConnectionClosed):
+                await peer.ws.send(encode(Received(step=max(r.step for r in message.records))))
 
     async def _refuse(self, ws: ServerConnection, refusal: Refused, peer: Peer | None) -> None:
         self._count_refusal(ws, refusal, peer)
