@@ -195,3 +195,48 @@ def test_with_actions_off_nothing_from_the_collector_changes_training(tmp_path: 
     assert not run.should_stop
     assert "ack" not in received and "steps" in received
     assert all(torch.equal(a, p) for a, p in zip(bare, model.parameters()))
+
+
+def _ddp_worker(rank: int, world: int, port: int, url: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(TinyNet())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with gradwatch.attach(model, opt, url=url, name="ddp-actions", actions=True) as run:
+            seen = _Recorder(opt)  # after attach: its hook sees the LR the step uses
+            for step, (x, y) in enumerate(batches(400, seed=rank), start=1):
+                if step == 100:
+                    y = y * 1000.0  # the same corrupted batch reaches both ranks
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                run.log(loss=loss)
+                loss.backward()
+                opt.step()
+                time.sleep(0.01)
+        changed = [i + 1 for i in range(1, len(seen.lrs)) if seen.lrs[i] != seen.lrs[i - 1]]
+        Path(out, f"lr-change-{rank}.json").write_text(json.dumps(changed))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_apply_an_action_at_the_same_step(start_collector, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    collector = start_collector(config='[actions.loss_spike]\naction = "reduce_lr"\nfactor = 0.5\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, collector.ws_url, str(tmp_path)), nprocs=2, join=True)
+    changes = [json.loads((tmp_path / f"lr-change-{r}.json").read_text()) for r in range(2)]
+    assert changes[0] and changes[0] == changes[1], changes
+    acks = collector.wait_for(lambda: len(_entries(collector, "ddp-actions", "ack")) == 2 and
+                              _entries(collector, "ddp-actions", "ack"), what="both ranks' acks")
+    assert {a["step"] for a in acks} == {changes[0][0]}
