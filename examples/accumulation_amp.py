@@ -20,8 +20,8 @@ accumulation = 4
 
 run = gradwatch.attach(model, optimizer, scaler=scaler)
 
-for step in range(200):
-    for micro in range(accumulation):
+for _ in range(200):
+    for _ in range(accumulation):
         x = torch.randn(32, 32, device=device)
         y = x.sum(dim=1, keepdim=True).sin()
         with torch.autocast(device, dtype=amp_dtype):

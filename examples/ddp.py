@@ -16,7 +16,7 @@ model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(32, 128), nn
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
 with gradwatch.attach(model, optimizer, name="ddp-example") as run:
-    for step in range(300):
+    for _ in range(300):
         x = torch.randn(32, 32)
         loss = nn.functional.mse_loss(model(x), x.sum(dim=1, keepdim=True).sin())
         run.log(loss=loss)

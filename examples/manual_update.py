@@ -13,7 +13,7 @@ net = nn.ModuleDict({"lstm": model, "head": head})
 lr = 0.5
 
 with gradwatch.attach(net) as run:  # no optimizer
-    for step in range(100):
+    for _ in range(100):
         x = torch.randn(20, 8, 16)
         out, _ = model(x)
         loss = nn.functional.mse_loss(head(out[:-1]), x[1:])

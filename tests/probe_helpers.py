@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,35 @@ def batches(n: int, seed: int = 0, size: int = 16) -> list[tuple[torch.Tensor, t
         x = torch.randn(size, 8, generator=g)
         out.append((x, x.sum(dim=1, keepdim=True).sin()))
     return out
+
+
+def train(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    run: Any = None,
+    *,
+    clip: float | None = None,
+    pace: float = 0.0,
+    on_step: Any = None,
+) -> list[torch.Tensor]:
+    """A plain loop; returns the final weights (to compare runs with and without the probe)."""
+    import time
+
+    for step, (x, y) in enumerate(data, start=1):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if run is not None:
+            run.log(loss=loss)
+        if on_step is not None:
+            on_step(step)
+        if pace:
+            time.sleep(pace)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def read_spool(path: Path) -> tuple[protocol.Hello, list[protocol.StepRecord], list[Any]]:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 import gradwatch
 from gradwatch.scenarios import SCENARIOS
-from tests.probe_helpers import TinyNet, batches
+from tests.probe_helpers import TinyNet, batches, train
 
 pytestmark = pytest.mark.slow
 
@@ -63,20 +62,6 @@ def test_scenario_is_detected_near_onset_or_stays_silent(collector, name: str) -
     assert 0 <= latency <= MAX_LATENCY[scenario.expected], (name, fired)
 
 
-def _train(model, opt, data, run=None, pace=0.0, on_step=None):
-    for step, (x, y) in enumerate(data, start=1):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        if run is not None:
-            run.log(loss=loss)
-        if on_step is not None:
-            on_step(step)
-        time.sleep(pace)
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def test_collector_killed_mid_run_and_restarted(collector) -> None:
     """kill -9 at step 100, back 5 s later: training finishes with the same weights as a
     bare run, the probe reconnects and replays its buffer, nothing is dropped."""
@@ -84,7 +69,7 @@ def test_collector_killed_mid_run_and_restarted(collector) -> None:
     base = TinyNet()
     data = batches(600)
     bare_model = copy.deepcopy(base)
-    bare = _train(bare_model, torch.optim.Adam(bare_model.parameters(), lr=1e-3), data)
+    bare = train(bare_model, torch.optim.Adam(bare_model.parameters(), lr=1e-3), data)
 
     model = copy.deepcopy(base)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -96,7 +81,7 @@ def test_collector_killed_mid_run_and_restarted(collector) -> None:
             threading.Timer(5.0, lambda: (collector.start(), restarted.set())).start()
 
     run = gradwatch.attach(model, opt, url=collector.ws_url, name="outage", every=5)
-    probed = _train(model, opt, data, run, pace=0.015, on_step=outage)
+    probed = train(model, opt, data, run, pace=0.015, on_step=outage)
     assert restarted.wait(30)
     run.detach()
 
@@ -121,7 +106,7 @@ def test_collector_stalled_then_resumed(collector) -> None:
             os.kill(collector.proc.pid, signal.SIGSTOP)
             threading.Timer(3.0, os.kill, (collector.proc.pid, signal.SIGCONT)).start()
 
-    _train(model, opt, batches(400), run, pace=0.01, on_step=stall)
+    train(model, opt, batches(400), run, pace=0.01, on_step=stall)
     run.detach()
     assert run.dropped == 0
     runs = {r["name"]: r for r in collector.get_json("/api/runs")}
@@ -144,7 +129,7 @@ def test_collector_not_running_at_start(start_collector, tmp_path: Path) -> None
         if step == 50:
             holder["collector"] = start_collector(args=["--port", str(port)])
 
-    _train(model, opt, batches(150), run, pace=0.01, on_step=start_late)
+    train(model, opt, batches(150), run, pace=0.01, on_step=start_late)
     run.detach()
     collector = holder["collector"]
     runs = {r["name"]: r for r in collector.get_json("/api/runs")}

@@ -13,7 +13,7 @@ import torch
 
 import gradwatch
 from gradwatch.probe.layers import clean_name, layer_of
-from tests.probe_helpers import TinyNet, assert_close, batches, read_spool, ref_layer_sq
+from tests.probe_helpers import TinyNet, assert_close, batches, read_spool, ref_layer_sq, train
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_plain_loop_every_norm_matches_reference(spool: Path) -> None:
     assert hello.layers == [n for n, _ in model.named_parameters()]
     assert [r.step for r in records] == [1, 2, 3, 4, 5, 6]
     assert others[-1].type == "bye" and others[-1].dropped == 0
-    for i, (record, (loss, grads, weights, updates)) in enumerate(zip(records, expected)):
+    for i, (record, (_, grads, weights, updates)) in enumerate(zip(records, expected)):
         assert_close(record.grad_norm_sq, sum(grads.values()))
         assert record.lr == [0.05] and record.momentum == [0.9] and record.weight_decay == [1e-4]
         assert record.nonfinite_layers == 0 and not record.skipped
@@ -326,25 +326,13 @@ def test_layer_names_drop_wrapper_prefixes() -> None:
         layer_of("a.b", "per-tensor")
 
 
-def _train(model, opt, data, run=None):
-    for x, y in data:
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if run is not None:
-            run.log(loss=loss)
-    return [p.detach().clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("setting", ["no-collector", "disabled"])
 def test_probe_never_changes_the_math(monkeypatch, setting: str) -> None:
     torch.manual_seed(1)
     base = TinyNet()
     data = batches(20)
     bare_model = copy.deepcopy(base)
-    bare = _train(bare_model, torch.optim.AdamW(bare_model.parameters(), lr=1e-2), data)
+    bare = train(bare_model, torch.optim.AdamW(bare_model.parameters(), lr=1e-2), data, clip=1.0)
 
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -352,7 +340,7 @@ def test_probe_never_changes_the_math(monkeypatch, setting: str) -> None:
         monkeypatch.setenv("GRADWATCH_DISABLE", "1")
     # nothing listens on port 9 (discard): the probe buffers and training goes on
     run = gradwatch.attach(model, opt, url="ws://127.0.0.1:9", every=1)
-    probed = _train(model, opt, data, run)
+    probed = train(model, opt, data, run, clip=1.0)
     run.detach()
     if setting == "no-collector":
         assert run.step == 20
