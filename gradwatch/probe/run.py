@@ -45,11 +45,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _hook(method: F) -> F:
-    """Runs a probe hook so that nothing but a requested StopTraining can escape it."""
+    """Runs a probe hook so that nothing but a requested StopTraining can escape it;
+    a paused run (``run.enabled = False``) returns at once."""
 
     @functools.wraps(method)
     def guarded(self: Run, *args: Any, **kwargs: Any) -> None:
-        if self._broken:
+        if self._broken or not self.enabled:
             return None
         try:
             method(self, *args, **kwargs)
@@ -146,7 +147,9 @@ def _is_sharded(t: torch.Tensor) -> bool:
 class Run:
     """The handle `gradwatch.attach` returns: `log()`, `detach()`, usable as a context manager.
 
-    `should_stop` turns True when the collector's `stop` action arrives (actions=True)."""
+    `should_stop` turns True when the collector's `stop` action arrives (actions=True).
+    `enabled = False` pauses the probe between steps without unhooking it (every hook
+    returns at once; the benchmarks toggle it per step)."""
 
     def __init__(
         self,
@@ -175,6 +178,7 @@ class Run:
         self.url = url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765"
         self.every = every
         self.should_stop = False
+        self.enabled = True
         self._broken = False
         self._detached = False
         self._lock = threading.Lock()

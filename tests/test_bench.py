@@ -1,0 +1,64 @@
+"""The benchmarks run end to end in their --quick form and print their tables.
+Their numbers are never checked here: timing belongs to the benchmarks, not to tests.
+Also the one probe feature the overhead bench relies on: pausing a run with `enabled`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradwatch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_bench(script: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_overhead_quick_prints_its_tables() -> None:
+    out = run_bench("overhead.py")
+    for workload in ("gpt", "mlp", "cnn-bn", "gpt-accum4-amp"):
+        assert f"== {workload}:" in out
+    assert "== summary" in out
+    for condition in ("gradwatch every=10 (default)", "naive .norm().item()", "wandb-like every=1"):
+        assert condition in out
+    assert "!!" not in out  # the probe neither switched itself off nor dropped records
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_collector_quick_prints_its_table() -> None:
+    out = run_bench("collector.py")
+    assert "== collector:" in out
+    for measure in ("sustained messages/s", "latency send -> visible", "/metrics, 10 runs", "memory per run"):
+        assert measure in out
+
+
+def test_a_paused_run_records_nothing_and_resumes(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = gradwatch.attach(model, optimizer, url=f"file:{tmp_path / 'spool.jsonl'}", name="paused")
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+
+    run.enabled = False
+    step()
+    assert run.step == 0
+    run.enabled = True
+    step()
+    assert run.step == 1
+    run.detach()
