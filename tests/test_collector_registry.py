@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from gradwatch.collector.actions import ActionPlanner, lead_steps
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation
-from gradwatch.collector.metrics import IngestStats, MetricsCollector, render
+from gradwatch.collector.metrics import IngestStats, MetricsCollector
 from gradwatch.collector.registry import (
     ActionAcked,
     ActionIssued,
@@ -281,7 +281,7 @@ def test_acks_are_traced_to_their_alert():
 
 def scrape(reg: Registry, now: float, **config: object) -> str:
     cfg = CollectorConfig.model_validate(config)
-    return render(list(MetricsCollector(reg, IngestStats(), cfg, clock=lambda: now).collect())).decode()
+    return MetricsCollector(reg, IngestStats(), cfg, clock=lambda: now).exposition().decode()
 
 
 def test_layer_cap_and_dropped_count():

@@ -33,6 +33,7 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -42,7 +43,7 @@ from gradwatch.collector.config import CollectorConfig, ConfigError
 from gradwatch.collector.detectors import build_detectors
 from gradwatch.collector.detectors.base import Detector
 from gradwatch.collector.history import History, HistoryEntry, RunRecord
-from gradwatch.collector.metrics import IngestStats, MetricsCollector, render
+from gradwatch.collector.metrics import IngestStats, MetricsCollector, render, render_layers
 from gradwatch.collector.registry import (
     RUN_STATUSES,
     ActionAcked,
@@ -83,6 +84,23 @@ _REASON_BY_CODE = {
     CLOSE_UNSUPPORTED_VERSION: "unsupported_version",
     CLOSE_TOO_BIG: "too_big",
 }
+
+
+class _MalformedHttpRequests(logging.Filter):
+    """aiohttp logs a request its parser refuses (bad bytes, a request line over 8190 bytes;
+    already answered 400) as an ERROR with a traceback: anyone who reaches the HTTP port
+    could fill the log with them. Log one WARNING line instead, like refused probes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, BadHttpMessage):
+            record.msg, record.args = "refused a malformed HTTP request (400): %s", (type(err).__name__,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_MALFORMED_HTTP = _MalformedHttpRequests()
 
 
 class Refused(Exception):
@@ -182,12 +200,17 @@ class CollectorServer:
             # Frames are handled as they arrive; a short queue bounds memory per connection
             # (max_queue x max_frame_bytes) when hundreds of probes connect.
             max_queue=4,
+            # No keepalive pings: under load a pong waits behind unread frames and the ping
+            # timeout would drop every connection at once. A silent probe is found by the
+            # registry's heartbeat timeout instead (probes send heartbeats when idle).
+            ping_interval=None,
             process_request=self._check_token,
             ssl=tls,
             server_header="gradwatch",
         )
         ws_port = self._ws_server.sockets[0].getsockname()[1]
         http_sock = socket.create_server((cfg.host, cfg.http_port), reuse_port=False)
+        logging.getLogger("aiohttp.server").addFilter(_MALFORMED_HTTP)
         self._http_runner = web.AppRunner(self._http_app(), access_log=None)
         await self._http_runner.setup()
         await web.SockSite(self._http_runner, http_sock).start()
@@ -452,7 +475,8 @@ class CollectorServer:
     async def _get_metrics(self, request: web.Request) -> web.Response:
         _check_params(request, set())
         families = list(self.metrics.collect())  # a consistent snapshot, taken on the loop
-        body = await asyncio.to_thread(render, families)
+        layer_rows = self.metrics.layer_rows()
+        body = await asyncio.to_thread(lambda: render(families) + render_layers(layer_rows))
         return web.Response(body=body,
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
