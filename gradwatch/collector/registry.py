@@ -523,8 +523,8 @@ def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, laye
         lr=tuple(first.lr),
         scalars=scalars,
         layers=layers,
-        layer_grad_norm=_aligned(layer_grad_sq, n_layers, _root),
-        layer_weight_norm=_aligned(layer_weight_sq, n_layers, _root),
+        layer_grad_norm=_layer_roots(layer_grad_sq, n_layers),
+        layer_weight_norm=_layer_roots(layer_weight_sq, n_layers),
         layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, n_layers),
     )
     return MergedStep(observation, tuple(first.momentum), tuple(first.weight_decay))
@@ -572,11 +572,27 @@ def _aligned(
     return tuple(out + [None] * (n - len(out)))
 
 
+def _layer_roots(squares: Sequence[float | None] | None, n: int) -> tuple[float | None, ...] | None:
+    """`_aligned(squares, n, _root)`, with a fast path for the usual all-valid vector: this
+    runs for every layer of every detail step and dominated ingest time."""
+    if squares is not None and len(squares) == n:
+        try:
+            return tuple(map(math.sqrt, squares))  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # a None or a negative: the careful path below
+            pass
+    return _aligned(squares, n, _root)
+
+
 def _ratios(
     update_sq: Sequence[float] | None, weight_sq: Sequence[float] | None, n: int
 ) -> tuple[float | None, ...] | None:
     if update_sq is None or weight_sq is None:
         return None
+    if len(update_sq) == n and len(weight_sq) == n:
+        try:  # the usual all-valid case in one pass (see _layer_roots)
+            return tuple([math.sqrt(u / w) for u, w in zip(update_sq, weight_sq)])
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass
     ratios: list[float | None] = []
     for u, w in zip(update_sq[:n], weight_sq[:n]):
         du, nw = _root(u), _root(w)
