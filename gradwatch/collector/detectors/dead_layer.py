@@ -1,0 +1,69 @@
+"""`dead_layer`: a trainable layer that gets no gradient, or an all-zero one, for a while."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+
+
+class DeadLayerSettings(DetectorSettings):
+    patience: int = Field(
+        5, ge=1, description="Consecutive per-layer detail observations with no gradient."
+    )
+    min_steps: int = Field(
+        40, ge=0, description="...spanning at least this many optimizer steps (matters when every=1)."
+    )
+    zero_norm: float = Field(
+        1e-10, ge=0, description="A layer gradient norm at or below this counts as no gradient."
+    )
+
+
+@dataclass
+class _Silence:
+    since_step: int
+    observations: int = 0
+
+
+class DeadLayerDetector(Detector):
+    """Per layer: its gradient is None (the probe leaves frozen parameters out, so None means
+    a trainable parameter got no gradient) or <= zero_norm on `patience` consecutive detail
+    observations spanning `min_steps` steps. One alert per layer; resolves on the first
+    detail observation with a gradient."""
+
+    kind = "dead_layer"
+    Settings = DeadLayerSettings
+    settings: DeadLayerSettings
+
+    def __init__(self, settings: DeadLayerSettings | None = None) -> None:
+        super().__init__(settings)
+        self._silent: dict[str, _Silence] = {}
+
+    def check(self, obs: Observation) -> list[Finding] | None:
+        if obs.layer_grad_norm is None:
+            return None
+        s = self.settings
+        silent: dict[str, _Silence] = {}
+        findings = []
+        for name, grad in zip(obs.layers, obs.layer_grad_norm):
+            silence = self._silent.get(name)
+            if grad is None or (finite(grad) and grad <= s.zero_norm):
+                silence = silence or _Silence(obs.step)
+                silence.observations += 1
+            elif finite(grad):
+                continue  # alive
+            # a NaN says nothing about being dead: the count stands, neither grows nor resets
+            if silence is None:
+                continue
+            silent[name] = silence
+            if silence.observations >= s.patience and obs.step - silence.since_step >= s.min_steps:
+                findings.append(
+                    Finding(
+                        f"layer {name} got no gradient (None or zero) since step {silence.since_step}",
+                        layer=name,
+                    )
+                )
+        self._silent = silent  # layers that got a gradient or left the model start afresh
+        return findings

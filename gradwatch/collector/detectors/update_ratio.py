@@ -1,0 +1,109 @@
+"""`update_ratio`: a layer's step ||Δw|| / ||w|| persistently far outside the healthy band."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.stats import Latch, max_lr
+
+
+class UpdateRatioSettings(DetectorSettings):
+    warmup: int = Field(
+        100, ge=0, description="Optimizer steps before the first judgement (fresh zero-initialised "
+        "weights move by a large fraction of themselves at first)."
+    )
+    max_ratio: float = Field(
+        0.05, gt=0, description="Too large: the layer rewrites 5% of itself per step (healthy: ~1e-3)."
+    )
+    min_ratio: float = Field(
+        1e-7, ge=0, description="Too small: the layer does not move although it has a gradient."
+    )
+    min_grad_to_weight: float = Field(
+        1e-4, ge=0, description="The too-small rule only judges layers with ||g|| / ||w|| at least "
+        "this: a converged layer with a negligible gradient is meant to stand still."
+    )
+    annealed_lr_fraction: float = Field(
+        0.01, ge=0, description="The too-small rule is off while the LR is below this fraction of "
+        "its peak so far: the end of a decay schedule stands still by design."
+    )
+    patience: int = Field(
+        3, ge=1, description="Consecutive detail observations outside the band to fire (inside to resolve)."
+    )
+    ignore_layers: str = Field(
+        r"(^|\.)bias$", description="Regex of layer names not judged: biases start at zero and often "
+        "stay near it, so their ratio is large and meaningless."
+    )
+    min_weight_norm: float = Field(
+        1e-8, ge=0, description="Layers with a smaller weight norm are skipped."
+    )
+
+    @field_validator("ignore_layers")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return pattern
+
+
+class UpdateRatioDetector(Detector):
+    """Per layer, on detail steps that were not skipped: the update-to-weight ratio is above
+    `max_ratio`, or below `min_ratio` while the layer has a real gradient (the optimizer
+    does not update it, or its LR is far too small), for `patience` detail observations.
+    The too-small rule rests while the LR has annealed to a small fraction of its peak."""
+
+    kind = "update_ratio"
+    Settings = UpdateRatioSettings
+    settings: UpdateRatioSettings
+
+    def __init__(self, settings: UpdateRatioSettings | None = None) -> None:
+        super().__init__(settings)
+        self._latches: dict[str, Latch] = {}
+        self._ignored = re.compile(self.settings.ignore_layers)
+        self._peak_lr = 0.0
+
+    def check(self, obs: Observation) -> list[Finding] | None:
+        lr = max_lr(obs.lr)
+        self._peak_lr = max(self._peak_lr, lr or 0.0)
+        if obs.layer_update_ratio is None or obs.layer_weight_norm is None or obs.skipped:
+            return None  # a skipped step updated nothing: its zero ratios mean nothing
+        s = self.settings
+        if obs.step < s.warmup:
+            return []
+        grads = obs.layer_grad_norm or (None,) * len(obs.layers)
+        annealed = lr is not None and lr <= s.annealed_lr_fraction * self._peak_lr
+        latches: dict[str, Latch] = {}
+        findings = []
+        per_layer = zip(obs.layers, obs.layer_update_ratio, obs.layer_weight_norm, grads)
+        for name, ratio, weight, grad in per_layer:
+            latch = latches[name] = self._latches.get(name) or Latch(s.patience, s.patience)
+            if (
+                finite(ratio)
+                and finite(weight)
+                and weight > s.min_weight_norm
+                and not self._ignored.search(name)
+            ):
+                too_small = (
+                    not annealed
+                    and ratio < s.min_ratio
+                    and finite(grad)
+                    and grad / weight >= s.min_grad_to_weight
+                )
+                latch.update(ratio > s.max_ratio or too_small)
+            # else: this layer cannot be judged at this step, its state stands
+            if latch.active:
+                findings.append(self.active.get(name) or self._finding(name, ratio))
+        self._latches = latches  # layers gone from the model (frozen) start afresh
+        return findings
+
+    def _finding(self, name: str, ratio: float) -> Finding:
+        """The finding at onset: the latch only turns on at a step that judged `ratio`."""
+        s = self.settings
+        where = f"above {s.max_ratio:g}" if ratio > s.max_ratio else f"below {s.min_ratio:g}"
+        return Finding(
+            f"layer {name} update/weight ratio {ratio:.3g} is {where}", layer=name, value=ratio
+        )
