@@ -39,7 +39,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
 
             fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        run = gradwatch.attach(model, opt, url=f"file:{out}/spool-{rank}.jsonl", name=f"dist-{mode}", every=1)
+        run = gradwatch.attach(model, opt, url=f"file:{out}/spool.jsonl", name=f"dist-{mode}", every=1)
         reference = []
         for x, y in batches(3, seed=rank):
             opt.zero_grad()
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_ranks_report_norms_the_collector_can_merge(tmp_path: Path, mode: str) -> None:
     mp.spawn(_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
-    spools = [read_spool(tmp_path / f"spool-{rank}.jsonl") for rank in range(2)]
+    spools = [read_spool(tmp_path / f"spool.jsonl.rank{rank}") for rank in range(2)]  # one spool per rank
     reference = json.loads((tmp_path / "ref-0.json").read_text())
     for rank, (hello, records, _) in enumerate(spools):
         assert (hello.rank, hello.world_size) == (rank, 2)
