@@ -17,6 +17,7 @@ reason text that says what was wrong.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -48,7 +49,10 @@ LayerName = Annotated[str, Field(pattern=LAYER_NAME_PATTERN)]
 ScalarName = Annotated[str, Field(pattern=SCALAR_NAME_PATTERN)]
 TagValue = Annotated[str, Field(max_length=200)]
 NonNegative = Annotated[float, Field(ge=0.0)]
-Count = Annotated[int, Field(ge=0)]
+# Bounded so that every count and step fits a SQLite INTEGER: a larger one would make the
+# collector's history writes fail (OverflowError) for every run, not only the sender's.
+MAX_COUNT = 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 ActionKind = Literal["reduce_lr", "skip_step", "checkpoint", "stop"]
 AlertKind = Literal[
@@ -187,11 +191,18 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
+def _printable(text: str, limit: int = 200) -> str:
+    """Keys and tags a peer chose can appear in an error: escape all but printable ASCII and
+    bound the length, so that a reason can never forge a log line or flood one."""
+    text = re.sub(r"[^\x20-\x7e]", lambda m: m.group().encode("unicode_escape").decode(), text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors(include_url=False)[0]
     where = ".".join(str(p) for p in first["loc"]) or "message"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"invalid {where}: {first['msg']}{more}"
+    return f"invalid {_printable(where)}: {_printable(first['msg'])}{more}"
 
 
 def decode_probe_message(data: str | bytes) -> Hello | Steps | Heartbeat | Ack | Bye:

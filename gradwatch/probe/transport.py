@@ -67,6 +67,9 @@ class Transport:
         self._backlog: deque[Job | protocol.Ack] = deque()  # training thread -> background thread
         self._buffer: deque[StepRecord] = deque()  # records waiting to be sent
         self._unconfirmed: deque[StepRecord] = deque()  # sent, not yet confirmed by `received`
+        # Steps of sent records let go before their confirmation (to stay within max_records):
+        # dropped only if the collector never confirms them (the link fails first).
+        self._evicted_unconfirmed: deque[int] = deque()
         self._detail_in_buffer = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -168,11 +171,14 @@ class Transport:
             self._strip_oldest_detail()
         while len(self._buffer) + len(self._unconfirmed) > self._max_records:
             if self._unconfirmed:
-                self._unconfirmed.popleft()
+                self._evicted_unconfirmed.append(self._unconfirmed.popleft().step)
+                if len(self._evicted_unconfirmed) > self._max_records:
+                    self._evicted_unconfirmed.popleft()
+                    self.count_drop()
             else:
                 old = self._buffer.popleft()
                 self._detail_in_buffer -= old.layer_grad_sq is not None
-            self.count_drop()
+                self.count_drop()
 
     def _strip_oldest_detail(self) -> None:
         for i, old in enumerate(self._buffer):
@@ -253,7 +259,11 @@ class Transport:
         self._disconnect()
 
     def _requeue_unconfirmed(self) -> None:
-        """Records the collector never confirmed go back to the front of the buffer."""
+        """Records the collector never confirmed go back to the front of the buffer (those
+        already let go are dropped now)."""
+        while self._evicted_unconfirmed:
+            self._evicted_unconfirmed.popleft()
+            self.count_drop()
         while self._unconfirmed:
             record = self._unconfirmed.pop()
             self._buffer.appendleft(record)
@@ -325,22 +335,25 @@ class Transport:
             if isinstance(message, Received):
                 while self._unconfirmed and self._unconfirmed[0].step <= message.step:
                     self._unconfirmed.popleft()
-                if wait and not self._unconfirmed:
+                while self._evicted_unconfirmed and self._evicted_unconfirmed[0] <= message.step:
+                    self._evicted_unconfirmed.popleft()
+                if wait and not self._unconfirmed and not self._evicted_unconfirmed:
                     return
             elif isinstance(message, Action):
                 self._on_action(message)
 
     def _say_bye(self) -> None:
         deadline = time.monotonic() + 2.0
-        while self._unconfirmed and self._ws is not None and time.monotonic() < deadline:
+        while (self._unconfirmed or self._evicted_unconfirmed) and self._ws is not None and time.monotonic() < deadline:
             self._receive(wait=0.1)
-        undelivered = len(self._unconfirmed) + len(self._buffer)
+        undelivered = len(self._unconfirmed) + len(self._buffer) + len(self._evicted_unconfirmed)
         if undelivered:
             log.warning("gradwatch: %d steps could not be delivered to %s before detach; counted as dropped",
                         undelivered, self.url)
             for _ in range(undelivered):
                 self.count_drop()
             self._unconfirmed.clear()
+            self._evicted_unconfirmed.clear()
             self._buffer.clear()
         if self._bye is None or not self._ensure_link(final=True):
             return
