@@ -75,7 +75,7 @@ def test_loss_captured_from_forward_and_loss_fn(spool: Path) -> None:
     losses = []
     for x, y in batches(3):
         loss = loss_fn(model(x), y)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.zero_grad()
         loss.backward()
         opt.step()
