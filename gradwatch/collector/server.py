@@ -78,6 +78,7 @@ from gradwatch.protocol import (
 
 log = logging.getLogger("gradwatch.collector")
 
+ACTION_SEND_TIMEOUT = 2.0  # seconds an action may wait on one rank's connection
 RUN_STATE_SAVE_SECONDS = 10.0  # how often running runs' progress is written to the data dir
 _REASON_BY_CODE = {
     CLOSE_INVALID_MESSAGE: "invalid_message",
@@ -419,9 +420,13 @@ class CollectorServer:
         )
         self._store(lambda h: h.record(entry), "an action")
         frame = encode(action)
-        results = await asyncio.gather(*(p.ws.send(frame) for p in peers), return_exceptions=True)
+        # Bounded: a probe that stopped reading must not hold up the other runs (this can
+        # run inside the periodic tick that finds lost runs).
+        results = await asyncio.gather(
+            *(asyncio.wait_for(p.ws.send(frame), ACTION_SEND_TIMEOUT) for p in peers), return_exceptions=True
+        )
         for peer, result in zip(peers, results):
-            if isinstance(result, Exception):  # that rank is reconnecting; it will be lost or catch up
+            if isinstance(result, BaseException):  # that rank is reconnecting or stuck; it will be lost or catch up
                 log.warning("could not send action %s to run %s rank %d: %s", action.id, event.run,
                             peer.hello.rank, result)
 
