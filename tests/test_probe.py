@@ -118,7 +118,7 @@ def test_gradient_accumulation_gives_one_record_per_optimizer_step(spool: Path) 
         for x, y in data[2 * step : 2 * step + 2]:
             loss = torch.nn.functional.mse_loss(model(x), y) / 2
             run.log(loss=loss)
-            micro_losses.append(float(loss))
+            micro_losses.append(float(loss.detach()))
             loss.backward()
         grads.append(sum(ref_layer_sq({n: p.grad for n, p in model.named_parameters()}).values()))
         opt.step()
