@@ -391,7 +391,7 @@ class CollectorServer:
                 self._save_run(event.run)
             elif isinstance(event, RunEvicted):
                 log.info("run %s evicted (max_runs=%d)", event.run, self.config.retention.max_runs)
-                self._store(lambda h: h.delete_runs([event.run]), "a run eviction")
+                self._store(lambda h, run=event.run: h.delete_runs([run]), "a run eviction")
             elif isinstance(event, DetectorFailed):
                 log.error("detector %s failed on run %s and is disabled for it: %s", event.kind, event.run, event.error)
 

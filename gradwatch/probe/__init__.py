@@ -14,7 +14,7 @@ from gradwatch.probe.run import Run
 __all__ = ["attach", "Run"]
 
 
-def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | "DisabledRun":
+def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledRun:
     """Attach a probe to `model` (and `optimizer`, if there is one) and return its `Run`.
 
     Options (all keywords): ``scaler`` (a GradScaler, for loss scale and skipped steps),
@@ -48,7 +48,7 @@ class DisabledRun:
     def detach(self, status: str = "finished", reason: str = "") -> None:
         pass
 
-    def __enter__(self) -> "DisabledRun":
+    def __enter__(self) -> DisabledRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -22,6 +22,7 @@ import functools
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -127,8 +128,7 @@ def _default_run_name() -> str:
 
 
 def protocol_safe(name: str) -> str:
-    import re
-
+    """`name` made acceptable as a run name (see protocol.RUN_NAME_PATTERN)."""
     cleaned = re.sub(r"[^A-Za-z0-9._:@+-]", "-", name).lstrip("._:@+-")
     return (cleaned or "run")[:128]
 
