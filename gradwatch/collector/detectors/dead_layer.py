@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from pydantic import Field
@@ -48,12 +50,12 @@ class DeadLayerDetector(Detector):
         silent: dict[str, _Silence] = {}
         findings = []
         for name, grad in zip(obs.layers, obs.layer_grad_norm):
+            if grad is not None and s.zero_norm < grad < math.inf:
+                continue  # alive: the common case, kept cheap (this runs for every layer)
             silence = self._silent.get(name)
             if grad is None or (finite(grad) and grad <= s.zero_norm):
                 silence = silence or _Silence(obs.step)
                 silence.observations += 1
-            elif finite(grad):
-                continue  # alive
             # a NaN says nothing about being dead: the count stands, neither grows nor resets
             if silence is None:
                 continue

@@ -110,6 +110,11 @@ class Latch:
                 self._streak = 0
         return self.active
 
+    @property
+    def idle(self) -> bool:
+        """Off with nothing pending: indistinguishable from a fresh latch."""
+        return not self.active and self._streak == 0
+
     def reset(self) -> None:
         self._streak = 0
         self.active = False

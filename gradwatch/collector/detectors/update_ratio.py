@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from pydantic import Field, field_validator
@@ -64,6 +65,8 @@ class UpdateRatioDetector(Detector):
         super().__init__(settings)
         self._latches: dict[str, Latch] = {}
         self._ignored = re.compile(self.settings.ignore_layers)
+        self._judged_for: tuple[str, ...] | None = None
+        self._judged_mask: tuple[bool, ...] = ()
         self._peak_lr = 0.0
 
     def check(self, obs: Observation) -> list[Finding] | None:
@@ -76,29 +79,38 @@ class UpdateRatioDetector(Detector):
             return []
         grads = obs.layer_grad_norm or (None,) * len(obs.layers)
         annealed = lr is not None and lr <= s.annealed_lr_fraction * self._peak_lr
-        latches: dict[str, Latch] = {}
         findings = []
-        per_layer = zip(obs.layers, obs.layer_update_ratio, obs.layer_weight_norm, grads)
-        for name, ratio, weight, grad in per_layer:
-            latch = latches[name] = self._latches.get(name) or Latch(s.patience, s.patience)
-            if (
-                finite(ratio)
-                and finite(weight)
-                and weight > s.min_weight_norm
-                and not self._ignored.search(name)
-            ):
-                too_small = (
+        per_layer = zip(obs.layers, self._judged(obs.layers), obs.layer_update_ratio, obs.layer_weight_norm, grads)
+        for name, judged, ratio, weight, grad in per_layer:
+            latch = self._latches.get(name)
+            if judged and ratio is not None and weight is not None and s.min_weight_norm < weight < math.inf \
+                    and math.isfinite(ratio):
+                out_of_band = ratio > s.max_ratio or (
                     not annealed
                     and ratio < s.min_ratio
                     and finite(grad)
                     and grad / weight >= s.min_grad_to_weight
                 )
-                latch.update(ratio > s.max_ratio or too_small)
+                if latch is None:
+                    if not out_of_band:
+                        continue  # in band with no history: the common case keeps no state
+                    latch = self._latches[name] = Latch(s.patience, s.patience)
+                latch.update(out_of_band)
+                if latch.idle:
+                    del self._latches[name]
+                    continue
             # else: this layer cannot be judged at this step, its state stands
-            if latch.active:
+            if latch is not None and latch.active:
                 findings.append(self.active.get(name) or self._finding(name, ratio))
-        self._latches = latches  # layers gone from the model (frozen) start afresh
         return findings
+
+    def _judged(self, layers: tuple[str, ...]) -> tuple[bool, ...]:
+        """Which layers `ignore_layers` leaves to judge; computed once per layout (a regex
+        search per layer per detail step dominated ingest time)."""
+        if layers is not self._judged_for:
+            self._judged_for = layers
+            self._judged_mask = tuple(not self._ignored.search(name) for name in layers)
+        return self._judged_mask
 
     def _finding(self, name: str, ratio: float) -> Finding:
         """The finding at onset: the latch only turns on at a step that judged `ratio`."""

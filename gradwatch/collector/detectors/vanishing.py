@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation
 from gradwatch.collector.detectors.stats import Latch
 
 
@@ -45,7 +47,7 @@ class VanishingGradientsDetector(Detector):
     def check(self, obs: Observation) -> list[Finding] | None:
         if obs.layer_grad_norm is None:
             return None
-        norms = [g for g in obs.layer_grad_norm if finite(g)]
+        norms = [g for g in obs.layer_grad_norm if g is not None and math.isfinite(g)]
         if len(norms) < 2:
             return None
         if obs.step < self.settings.warmup:
