@@ -36,6 +36,7 @@ import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -110,7 +111,7 @@ class Scrape:
 
     def values(self, metric: str) -> dict[str, float]:
         """{label text: value} of every sample of `metric`."""
-        pattern = re.compile(rf"^{metric}(?:\{{(.*)\}})? (\S+)$", re.M)
+        pattern = re.compile(rf"^{metric}(?:\{{(.*)\}})? (\S+)$", re.MULTILINE)
         return {labels: float(value) for labels, value in pattern.findall(self.text)}
 
     def total(self, metric: str) -> float:
@@ -145,7 +146,7 @@ class Scraper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> Scraper:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -326,8 +327,8 @@ async def bench(args: argparse.Namespace, collector: CollectorProcess) -> list[t
     quiet = [await asyncio.to_thread(scrape, collector.http_url) for _ in range(5)]
     rows.append((
         f"/metrics, {len(probes)} runs x {args.layers} layers (median of 5)",
-        f"{statistics.median(s.seconds for s in quiet):.3f} s ({quiet[-1].size / 1e6:.1f} MB, "
-        f"{series_count(quiet[-1])} series)",
+        (f"{statistics.median(s.seconds for s in quiet):.3f} s ({quiet[-1].size / 1e6:.1f} MB, "
+         f"{series_count(quiet[-1])} series)"),
         "< 1 s" if len(probes) == 100 and args.layers == 200 else "",
     ))
 
@@ -365,8 +366,8 @@ async def bench(args: argparse.Namespace, collector: CollectorProcess) -> list[t
         ("  send -> ingest (collector's ingest_lag gauge), p50 / p99",
          f"{quantile(scraper.ingest_lags, 0.5):.3f} / {quantile(scraper.ingest_lags, 0.99):.3f} s", ""),
         ("/metrics under load, p50 / max (scrapes)",
-         f"{quantile(scraper.scrape_seconds, 0.5):.3f} / {quantile(scraper.scrape_seconds, 1.0):.3f} s "
-         f"({len(scraper.scrape_seconds)})", ""),
+         (f"{quantile(scraper.scrape_seconds, 0.5):.3f} / {quantile(scraper.scrape_seconds, 1.0):.3f} s "
+          f"({len(scraper.scrape_seconds)})"), ""),
         ("rejected (all reasons)", f"{after.total('gradwatch_collector_rejected_messages_total'):.0f}", "0"),
         ("connections closed by the collector", closed_summary(probes), "0"),
         ("dropped (sent - accepted)", f"{sent.sent - accepted:.0f}", "0"),

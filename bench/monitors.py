@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from workloads import Workload
 
 import gradwatch
-from workloads import Workload
 
 HISTOGRAM_BINS = 64  # wandb.watch's default num_bins
 

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from monitors import (
     Gradwatch,
     HookTimer,

@@ -27,4 +27,4 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run:
     return _attach(model, optimizer, **options)
 
 
-__all__ = ["attach", "StopTraining", "__version__"]
+__all__ = ["StopTraining", "__version__", "attach"]

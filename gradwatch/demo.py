@@ -11,14 +11,14 @@ falls again. Takes about a minute on a 2-core laptop.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from typing import Any
+
+from gradwatch.collector.query import Unreachable, fetch_json, format_table
 
 # The plateau runs (with and without actions) are paced to ~200 steps/s, so that the
 # collector's answer arrives while they still train, as it would for a real model.
@@ -40,11 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the collector serving /metrics after the demo, until Ctrl-C")
 
 
-def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.load(response)
-
-
 class AlertPrinter(threading.Thread):
     """Polls /api/alerts and prints each new entry as it appears."""
 
@@ -63,8 +58,8 @@ class AlertPrinter(threading.Thread):
     def poll(self) -> None:
         with self._lock:
             try:
-                entries = _get_json(f"{self.http_url}/api/alerts")
-            except OSError:
+                entries = fetch_json(self.http_url, "/api/alerts")
+            except Unreachable:
                 return
             for entry in entries[self.seen:]:
                 self.entries.append(entry)
@@ -86,7 +81,7 @@ def _describe(entry: dict[str, Any]) -> str:
 def _wait_until_ended(http_url: str, run: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = {r["name"]: r for r in _get_json(f"{http_url}/api/runs")}
+        runs = {r["name"]: r for r in fetch_json(http_url, "/api/runs")}
         if run in runs and runs[run]["status"] != "running":
             return
         time.sleep(0.1)
@@ -168,7 +163,7 @@ def summary_table(names: list[str], entries: list[dict[str, Any]]) -> str:
     """scenario | expected | detected | at step | onset | verdict."""
     from gradwatch.scenarios import SCENARIOS
 
-    rows = [("scenario", "expected", "detected (first step)", "onset", "latency", "")]
+    rows = []
     for name in names:
         scenario = SCENARIOS[name]
         fired = [e for e in entries if e.get("run") == f"demo-{name}" and e.get("event", "fired") == "fired"]
@@ -184,7 +179,4 @@ def summary_table(names: list[str], entries: list[dict[str, Any]]) -> str:
             latency = f"{first[scenario.expected] - scenario.onset} steps" if ok else "missed"
         rows.append((name, scenario.expected or "nothing", detected,
                      str(scenario.onset) if scenario.expected else "-", latency, "ok" if ok else "MISS"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(("scenario", "expected", "detected (first step)", "onset", "latency", ""), rows, rule=True)

@@ -18,7 +18,7 @@ reason text that says what was wrong.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -42,7 +42,6 @@ CLOSE_POLICY = 1008  # protocol misuse: no hello first, wrong run, rate limit
 CLOSE_TOO_BIG = 1009  # frame larger than the collector's limit
 CLOSE_UNSUPPORTED_VERSION = 4001
 CLOSE_UNAUTHORIZED = 4003
-CLOSE_SHUTDOWN = 1001
 
 RunName = Annotated[str, Field(pattern=RUN_NAME_PATTERN)]
 LayerName = Annotated[str, Field(pattern=LAYER_NAME_PATTERN)]
@@ -175,8 +174,8 @@ class Action(_Message):
     reason: Annotated[str, Field(max_length=500)] = ""
 
 
-ProbeMessage = Annotated[Union[Hello, Steps, Heartbeat, Ack, Bye], Field(discriminator="type")]
-CollectorMessage = Annotated[Union[Welcome, Received, Action], Field(discriminator="type")]
+ProbeMessage = Annotated[Hello | Steps | Heartbeat | Ack | Bye, Field(discriminator="type")]
+CollectorMessage = Annotated[Welcome | Received | Action, Field(discriminator="type")]
 
 _probe_adapter: TypeAdapter[Hello | Steps | Heartbeat | Ack | Bye] = TypeAdapter(ProbeMessage)
 _collector_adapter: TypeAdapter[Welcome | Received | Action] = TypeAdapter(CollectorMessage)
@@ -232,6 +231,3 @@ def check_version(hello: Hello) -> None:
 def encode(message: _Message) -> str:
     return message.model_dump_json(exclude_defaults=False)
 
-
-def to_jsonable(message: _Message) -> dict[str, Any]:
-    return message.model_dump(mode="json")

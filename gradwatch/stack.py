@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 # Debian and Ubuntu name the Alertmanager binary after their package; upstream calls it alertmanager.
 PROMETHEUS_NAMES = ("prometheus",)
@@ -196,7 +196,7 @@ class Stack:
     servers: list[Server] = field(default_factory=list)
     urls: dict[str, str] = field(default_factory=dict)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -58,12 +58,11 @@ class CollectorProcess:
             args += ["--port", "0", "--http-port", "0"]
         args += self.extra_args  # last, so they win over the defaults above
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gradwatch", "collector", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gradwatch", "collector", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             match = LISTENING.search(self.logs())

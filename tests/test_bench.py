@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 def run_bench(script: str) -> str:
     done = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=240
+        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=240, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout

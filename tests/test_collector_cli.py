@@ -17,7 +17,7 @@ from gradwatch.protocol import PROTOCOL_VERSION, Bye, Hello, StepRecord, Steps, 
 
 def gradwatch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -121,9 +121,11 @@ def test_ingest_replays_a_spool(collector, tmp_path: Path):
     assert result.returncode == 1, result.stderr  # one line was rejected
     assert "2 connection(s), 1 rejected" in result.stdout
     assert "line 53:" in result.stdout  # the bad line, by number
-    runs = {r["name"]: r for r in collector.wait_for(
-        lambda: (lambda rs: rs if sum(r["status"] == "finished" for r in rs) == 2 else None)(
-            collector.get_json("/api/runs")), what="both spooled runs finished")}
+    def both_finished() -> list[dict] | None:
+        listed = collector.get_json("/api/runs")
+        return listed if sum(r["status"] == "finished" for r in listed) == 2 else None
+
+    runs = {r["name"]: r for r in collector.wait_for(both_finished, what="both spooled runs finished")}
     assert (runs["spooled-a"]["last_step"], runs["spooled-b"]["last_step"]) == (50, 3)
 
 

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -141,8 +141,8 @@ class FakeGrafana(BaseHTTPRequestHandler):
     """Just enough of Grafana's folder and dashboard API; records what was posted."""
 
     token = "good-token"
-    folders: list[dict[str, Any]] = []
-    dashboards: list[dict[str, Any]] = []
+    folders: ClassVar[list[dict[str, Any]]] = []
+    dashboards: ClassVar[list[dict[str, Any]]] = []
 
     def _reply(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()

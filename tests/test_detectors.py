@@ -515,7 +515,7 @@ def test_config_overrides_change_behaviour() -> None:
     trace = flat_loss(steps=1400)
     patient = DetectorsConfig.model_validate({"plateau": {"patience": 400}})
     assert [e.step for e in run(trace) if e.kind == "plateau"] == [240]  # three blocks of 80
-    assert 1200 <= [e.step for e in run(trace, patient) if e.kind == "plateau"][0] < 1400
+    assert 1200 <= next(e.step for e in run(trace, patient) if e.kind == "plateau") < 1400
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,14 @@ import torch
 
 import gradwatch
 from gradwatch.probe.layers import clean_name, layer_of
-from tests.probe_helpers import TinyNet, assert_close, batches, read_spool, ref_layer_sq, train
+from tests.probe_helpers import (
+    TinyNet,
+    assert_close,
+    batches,
+    read_spool,
+    ref_layer_sq,
+    train,
+)
 
 
 @pytest.fixture

@@ -29,7 +29,14 @@ from typing import Any
 import pytest
 
 from gradwatch.dashboards.boards import all_dashboards
-from gradwatch.stack import ALERTMANAGER_NAMES, PROMETHEUS_NAMES, SOURCE_RULES, Stack, StackSettings, find_binary
+from gradwatch.stack import (
+    ALERTMANAGER_NAMES,
+    PROMETHEUS_NAMES,
+    SOURCE_RULES,
+    Stack,
+    StackSettings,
+    find_binary,
+)
 
 PROMETHEUS_BIN = find_binary(PROMETHEUS_NAMES)
 ALERTMANAGER_BIN = find_binary(ALERTMANAGER_NAMES)
@@ -120,7 +127,7 @@ class Training(threading.Thread):
     def run(self) -> None:
         try:
             self._train()
-        except BaseException as err:  # reported by the test, not lost in the thread
+        except BaseException as err:  # noqa: BLE001 - reported by the test, not lost in the thread
             self.error = err
 
     def _train(self) -> None:

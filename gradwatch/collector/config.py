@@ -10,7 +10,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -100,7 +100,7 @@ class Stop(_ActionPolicyBase):
     )
 
 
-ActionPolicy = Annotated[Union[ReduceLR, SkipStep, Checkpoint, Stop], Field(discriminator="action")]
+ActionPolicy = Annotated[ReduceLR | SkipStep | Checkpoint | Stop, Field(discriminator="action")]
 # Parameters that stay in the collector; everything else in a policy travels in Action.params.
 _COLLECTOR_SIDE_FIELDS = frozenset({"action", "cooldown"})
 

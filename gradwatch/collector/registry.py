@@ -23,7 +23,12 @@ from typing import Literal, get_args
 
 from gradwatch.collector.actions import ActionPlanner, RunActionState
 from gradwatch.collector.config import RetentionConfig
-from gradwatch.collector.detectors.base import AlertEvent, Detector, Observation, Severity
+from gradwatch.collector.detectors.base import (
+    AlertEvent,
+    Detector,
+    Observation,
+    Severity,
+)
 from gradwatch.protocol import (
     CLOSE_POLICY,
     Ack,
@@ -479,7 +484,7 @@ class Registry:
         for detector in list(run.detectors):
             try:
                 alerts = detector.observe(obs)
-            except Exception as err:  # a detector bug must not take ingest down
+            except Exception as err:  # noqa: BLE001 - a detector bug must not take ingest down
                 run.detectors.remove(detector)
                 events.append(DetectorFailed(run.name, detector.kind, f"{type(err).__name__}: {err}"))
                 continue

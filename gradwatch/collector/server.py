@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -43,7 +43,12 @@ from gradwatch.collector.config import CollectorConfig, ConfigError
 from gradwatch.collector.detectors import build_detectors
 from gradwatch.collector.detectors.base import Detector
 from gradwatch.collector.history import History, HistoryEntry, RunRecord
-from gradwatch.collector.metrics import IngestStats, MetricsCollector, render, render_layers
+from gradwatch.collector.metrics import (
+    IngestStats,
+    MetricsCollector,
+    render,
+    render_layers,
+)
 from gradwatch.collector.registry import (
     RUN_STATUSES,
     ActionAcked,
@@ -549,7 +554,7 @@ def _refuse_other_version(frame: str | bytes) -> None:
     try:
         data = json.loads(frame)
         version = data["v"] if isinstance(data, dict) and data.get("type") == "hello" else None
-    except Exception:  # not JSON, too deep: the validation error stands
+    except (ValueError, RecursionError):  # not JSON, too deep: the validation error stands
         return
     if isinstance(version, int) and version != PROTOCOL_VERSION:
         raise ProtocolError(
@@ -621,7 +626,7 @@ class EmbeddedCollector:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
 
-    def __enter__(self) -> EmbeddedCollector:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -635,7 +640,7 @@ class EmbeddedCollector:
         self._stop = asyncio.Event()
         try:
             await self.server.start()
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - handed to the starting thread, which raises it
             self._error = err
             self._ready.set()
             await self.server.close()

@@ -3,4 +3,4 @@
 from gradwatch.dashboards.boards import all_dashboards
 from gradwatch.dashboards.panels import DATASOURCE_UID
 
-__all__ = ["all_dashboards", "DATASOURCE_UID"]
+__all__ = ["DATASOURCE_UID", "all_dashboards"]

@@ -55,7 +55,11 @@ def with_datasource(dashboard: Dashboard, uid: str) -> Dashboard:
 def push(url: str, token: str | None, folder: str, datasource: str | None = None, timeout: float = 10.0) -> list[str]:
     """Create or overwrite every dashboard in `folder` (created when missing); return their URLs."""
     from grafana_client import GrafanaApi
-    from grafana_client.client import GrafanaClientError, GrafanaException, GrafanaUnauthorizedError
+    from grafana_client.client import (
+        GrafanaClientError,
+        GrafanaException,
+        GrafanaUnauthorizedError,
+    )
 
     api = GrafanaApi.from_url(url, credential=token, timeout=timeout)
     try:

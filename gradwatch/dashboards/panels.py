@@ -30,7 +30,7 @@ DATASOURCE_UID = "gradwatch-prometheus"
 DATASOURCE_VARIABLE = "datasource"
 # Panels query through the datasource variable, so a dashboard pushed to a Grafana whose
 # Prometheus has another uid still works after picking it in the dropdown.
-PROMETHEUS = DatasourceRef(type="prometheus", uid="${%s}" % DATASOURCE_VARIABLE)
+PROMETHEUS = DatasourceRef(type="prometheus", uid=f"${{{DATASOURCE_VARIABLE}}}")
 
 GRID_COLUMNS = 24
 
@@ -55,6 +55,14 @@ def thresholds(base: str, *steps: tuple[float, str]) -> Thresholds:
     )
 
 
+# Stat and bar-gauge panels show each series' last value, coloured by threshold steps.
+LAST_VALUE = {"calcs": ["lastNotNull"], "fields": "", "values": False}
+
+
+def _threshold_colored(unit: str, steps: Thresholds | None) -> FieldDefaults:
+    return FieldDefaults(unit=unit, thresholds=steps or thresholds("blue"), color={"mode": "thresholds"})
+
+
 def _panel(
     type_: PanelType,
     title: str,
@@ -63,7 +71,7 @@ def _panel(
     w: int,
     h: int,
     description: str = "",
-    defaults: FieldDefaults = FieldDefaults(),
+    defaults: FieldDefaults | None = None,
     options: dict[str, Any] | None = None,
     overrides: Sequence[dict[str, Any]] = (),
     transformations: Sequence[Transformation] = (),
@@ -76,7 +84,7 @@ def _panel(
         gridPos=GridPos(w=w, h=h, x=0, y=0),
         datasource=PROMETHEUS,
         targets=[t.model_copy(update={"refId": chr(ord("A") + i)}) for i, t in enumerate(targets)],
-        fieldConfig=FieldConfig(defaults=defaults, overrides=list(overrides)),
+        fieldConfig=FieldConfig(defaults=defaults or FieldDefaults(), overrides=list(overrides)),
         options=options or {},
         transformations=list(transformations),
     )
@@ -138,9 +146,9 @@ def stat(
         w=w,
         h=h,
         description=description,
-        defaults=FieldDefaults(unit=unit, thresholds=steps or thresholds("blue"), color={"mode": "thresholds"}),
+        defaults=_threshold_colored(unit, steps),
         options={
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "reduceOptions": LAST_VALUE,
             "textMode": "name" if show_name else "auto",
             "colorMode": "background" if steps else "value",
             "graphMode": "none" if show_name else "area",
@@ -167,11 +175,11 @@ def bargauge(
         w=w,
         h=h,
         description=description,
-        defaults=FieldDefaults(unit=unit, thresholds=steps or thresholds("blue"), color={"mode": "thresholds"}),
+        defaults=_threshold_colored(unit, steps),
         options={
             "orientation": "horizontal",
             "displayMode": "gradient",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "reduceOptions": LAST_VALUE,
             "showUnfilled": True,
             "valueMode": "color",
         },

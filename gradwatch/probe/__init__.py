@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Self
 
 from gradwatch.probe.run import Run
 
-__all__ = ["attach", "Run"]
+__all__ = ["Run", "attach"]
 
 
 def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledRun:
@@ -48,8 +48,8 @@ class DisabledRun:
     def detach(self, status: str = "finished", reason: str = "") -> None:
         pass
 
-    def __enter__(self) -> DisabledRun:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         pass

@@ -133,7 +133,7 @@ class ActionState:
             outcome, reason = self._dispatch(action, step)
         except StopTraining:
             raise
-        except Exception as err:  # a user callback (checkpoint) may fail in any way
+        except Exception as err:  # noqa: BLE001 - a user callback (checkpoint) may fail in any way
             outcome, reason = "refused", f"{type(err).__name__}: {err}"
         log.warning("gradwatch: action %s at step %d: %s%s", action.kind, step, outcome, f" ({reason})" if reason else "")
         self._run._transport.submit(

@@ -55,14 +55,13 @@ def layer_of(name: str, spec: LayerSpec) -> str:
 class TensorGroup:
     """Watched tensors that share a device and dtype, so one foreach kernel covers them.
 
-    ``layer_index[i]`` is the layer of ``params[i]``, kept on the group's device for index_add_.
+    ``layer_ids[i]`` is the layer of ``params[i]``.
     """
 
     device: torch.device
     dtype: torch.dtype
     params: list[torch.Tensor]
     layer_ids: list[int]
-    layer_index: torch.Tensor
 
 
 class LayerMap:
@@ -101,7 +100,6 @@ class LayerMap:
                 dtype=dtype,
                 params=[p for p, _ in members],
                 layer_ids=[i for _, i in members],
-                layer_index=torch.tensor([i for _, i in members], device=device, dtype=torch.long),
             )
             for (device, dtype), members in by_key.items()
         ]

@@ -69,7 +69,12 @@ class Measurer:
         self.home = home
         self.dtype = _vector_dtype(home)
         self._snapshot: list[list[torch.Tensor]] | None = None
-        self._index_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        # (group, positions without a gradient) -> layer of each measured tensor, on the
+        # home device for index_add_; built once per pattern, the full one up front.
+        self._index_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {
+            (gi, ()): torch.tensor(group.layer_ids, dtype=torch.long, device=home)
+            for gi, group in enumerate(layer_map.groups)
+        }
 
     def new_vector(self) -> torch.Tensor:
         return torch.zeros(self.layout.length, dtype=self.dtype, device=self.home)
@@ -81,16 +86,15 @@ class Measurer:
             return
         norms = torch._foreach_norm(tensors, 2, dtype=_norm_dtype(group.dtype))
         squares = torch.stack(norms).to(self.dtype).square()
-        index = group.layer_index if not missing else self._subset_index(group_index, group, missing)
-        out.index_add_(0, index.to(self.home, non_blocking=True), squares.to(self.home, non_blocking=True))
+        out.index_add_(0, self._layer_index(group_index, group, missing), squares.to(self.home, non_blocking=True))
 
-    def _subset_index(self, group_index: int, group: TensorGroup, missing: tuple[int, ...]) -> torch.Tensor:
+    def _layer_index(self, group_index: int, group: TensorGroup, missing: tuple[int, ...]) -> torch.Tensor:
         key = (group_index, missing)
         index = self._index_cache.get(key)
         if index is None:
             skip = set(missing)
             ids = [layer for i, layer in enumerate(group.layer_ids) if i not in skip]
-            index = torch.tensor(ids, dtype=torch.long, device=group.device)
+            index = torch.tensor(ids, dtype=torch.long, device=self.home)
             if len(self._index_cache) < 64:
                 self._index_cache[key] = index
         return index

@@ -28,7 +28,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import torch
 
@@ -46,21 +47,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _hook(method: F) -> F:
-    """Runs a probe hook so that nothing but a requested StopTraining can escape it;
-    a paused run (``run.enabled = False``) returns at once."""
+    """Runs a probe hook so that nothing can escape it; a paused run (``run.enabled =
+    False``) returns at once. It always returns None: a step pre-hook that returns a value
+    would replace the step's arguments."""
 
     @functools.wraps(method)
     def guarded(self: Run, *args: Any, **kwargs: Any) -> None:
         if self._broken or not self.enabled:
-            return None
+            return
         try:
             method(self, *args, **kwargs)
-        except StopTraining:
-            raise
-        except Exception:
+        except Exception:  # the probe's own failure must never fail the step
             self._broken = True
             log.exception("gradwatch: the probe hit an internal error and switched itself off; training continues")
-        return None  # a step pre-hook that returns a value would replace the step's arguments
 
     return torch.compiler.disable(guarded)  # type: ignore[return-value]
 
@@ -74,7 +73,8 @@ class _StepMeta:
     step_time: float | None
     detail: bool
     with_updates: bool
-    present: set[int]
+    present: set[int]  # ids of the layers that had a gradient
+    grads_after_step: bool = False  # a closure (LBFGS) computes them inside step
     skipped: bool = False
     has_loss: bool = False
     has_scale: bool = False
@@ -272,10 +272,12 @@ class Run:
         if self._transport.dropped:
             log.warning("gradwatch: run %r dropped %d steps in total", self.name, self._transport.dropped)
 
-    def __enter__(self) -> Run:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None or exc_type is StopTraining:
             self.detach()
         else:
@@ -326,7 +328,6 @@ class Run:
 
     @_hook
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._actions.at_step_boundary(self.step)
         self._actions.scale_lr(optimizer)
         detail = self.step % self.every == 0
         with_updates = detail and self._update_ratio
@@ -334,8 +335,8 @@ class Run:
         meta = self._new_meta(detail, with_updates)
         if with_updates:
             self._measure.snapshot()
-        closure = kwargs.get("closure", args[0] if args else None)
-        if closure is None:  # LBFGS-style optimizers compute their gradients inside step
+        meta.grads_after_step = kwargs.get("closure", args[0] if args else None) is not None
+        if not meta.grads_after_step:
             self._measure_grads(vec, meta)
             grad_scale = getattr(optimizer, "grad_scale", None)
             if isinstance(grad_scale, torch.Tensor):
@@ -353,7 +354,7 @@ class Run:
             return
         vec, meta = self._pending
         self._pending = None
-        if not meta.present:
+        if meta.grads_after_step:
             self._measure_grads(vec, meta)
         if meta.detail:
             self._measure.weights_and_updates(vec, meta.with_updates)
@@ -369,7 +370,6 @@ class Run:
     def _record_skipped_step(self) -> None:
         # GradScaler found an inf/NaN and did not call optimizer.step: no optimizer hook
         # fired. The gradients are unscaled (and hold the overflow); weights are unchanged.
-        self._actions.restore_lr(self.optimizer)
         vec = self._measure.new_vector()
         meta = self._new_meta(detail=False, with_updates=False)
         meta.skipped = True
@@ -415,7 +415,7 @@ class Run:
         losses = self._logged_losses or self._losses
         if losses:
             tensors = [torch.as_tensor(x, dtype=torch.float32).to(vec.device, non_blocking=True) for x in losses]
-            self._measure.set_extra(vec, "loss", torch.stack([t.float().reshape(()) for t in tensors]).mean())
+            self._measure.set_extra(vec, "loss", torch.stack([t.reshape(()) for t in tensors]).mean())
             meta.has_loss = True
         self._losses, self._logged_losses = [], []
         if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):

@@ -29,7 +29,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 from gradwatch import protocol
-from gradwatch.protocol import Action, Bye, Heartbeat, Hello, Received, StepRecord, Steps, Welcome
+from gradwatch.protocol import (
+    Action,
+    Bye,
+    Heartbeat,
+    Hello,
+    Received,
+    StepRecord,
+    Steps,
+    Welcome,
+)
 
 log = logging.getLogger("gradwatch.probe")
 
@@ -79,7 +88,6 @@ class Transport:
         self.detail_dropped = 0  # records that lost their per-layer detail
         self._dropped_unreported = 0
         self.sent = 0
-        self.collector_actions = False
 
         self._ws: ClientConnection | None = None
         self._ws_context = ExitStack()  # holds the open connection's context manager
@@ -99,8 +107,7 @@ class Transport:
 
     def submit(self, job: Job | protocol.Ack) -> None:
         if self.backlog_full():
-            self.dropped += 1
-            self._dropped_unreported += 1
+            self.count_drop()
             return
         self._backlog.append(job)
 
@@ -208,8 +215,9 @@ class Transport:
             return False
         if self._outage_warned:
             log.warning(
-                "gradwatch: reconnected to %s; sending %d buffered steps (%d dropped so far)",
-                self.url, len(self._buffer), self.dropped,
+                "gradwatch: reconnected to %s; sending %d buffered steps (%d dropped so far, %d "
+                "stripped of per-layer detail)",
+                self.url, len(self._buffer), self.dropped, self.detail_dropped,
             )
         self._outage_warned = False
         self._backoff = 0.5
@@ -233,7 +241,6 @@ class Transport:
             welcome = protocol.decode_collector_message(ws.recv(timeout=5))
             if not isinstance(welcome, Welcome):
                 raise ConnectionError(f"expected a welcome from the collector, got {welcome.type}")
-            self.collector_actions = welcome.actions
             self._ws = ws
             self._ws_context = stack.pop_all()
 
@@ -273,8 +280,8 @@ class Transport:
         if self._ws is not None:
             try:
                 self._ws_context.close()
-            except Exception:  # noqa: BLE001 - closing a broken socket may fail in any way
-                pass
+            except Exception as err:  # noqa: BLE001 - closing a broken socket may fail in any way
+                log.debug("gradwatch: closing the connection to %s: %s", self.url, err)
             self._ws = None
         if self._spool is not None:
             self._spool.close()

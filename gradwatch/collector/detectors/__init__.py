@@ -12,16 +12,43 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gradwatch.collector.detectors.amp_scale import AmpScaleCollapseDetector, AmpScaleCollapseSettings
-from gradwatch.collector.detectors.base import AlertEvent, Detector, DetectorSettings, Finding, Observation
-from gradwatch.collector.detectors.dead_layer import DeadLayerDetector, DeadLayerSettings
-from gradwatch.collector.detectors.exploding import ExplodingGradientsDetector, ExplodingGradientsSettings
-from gradwatch.collector.detectors.loss_spike import LossSpikeDetector, LossSpikeSettings
+from gradwatch.collector.detectors.amp_scale import (
+    AmpScaleCollapseDetector,
+    AmpScaleCollapseSettings,
+)
+from gradwatch.collector.detectors.base import (
+    AlertEvent,
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+)
+from gradwatch.collector.detectors.dead_layer import (
+    DeadLayerDetector,
+    DeadLayerSettings,
+)
+from gradwatch.collector.detectors.exploding import (
+    ExplodingGradientsDetector,
+    ExplodingGradientsSettings,
+)
+from gradwatch.collector.detectors.loss_spike import (
+    LossSpikeDetector,
+    LossSpikeSettings,
+)
 from gradwatch.collector.detectors.nonfinite import NonfiniteDetector, NonfiniteSettings
-from gradwatch.collector.detectors.overfitting import OverfittingDetector, OverfittingSettings
+from gradwatch.collector.detectors.overfitting import (
+    OverfittingDetector,
+    OverfittingSettings,
+)
 from gradwatch.collector.detectors.plateau import PlateauDetector, PlateauSettings
-from gradwatch.collector.detectors.update_ratio import UpdateRatioDetector, UpdateRatioSettings
-from gradwatch.collector.detectors.vanishing import VanishingGradientsDetector, VanishingGradientsSettings
+from gradwatch.collector.detectors.update_ratio import (
+    UpdateRatioDetector,
+    UpdateRatioSettings,
+)
+from gradwatch.collector.detectors.vanishing import (
+    VanishingGradientsDetector,
+    VanishingGradientsSettings,
+)
 
 DETECTORS: dict[str, type[Detector]] = {
     detector.kind: detector

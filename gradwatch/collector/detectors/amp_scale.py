@@ -6,7 +6,13 @@ from collections import deque
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+    finite,
+)
 from gradwatch.collector.detectors.stats import Latch
 
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+    finite,
+)
 
 
 class DeadLayerSettings(DetectorSettings):

@@ -6,7 +6,12 @@ from collections import deque
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+)
 from gradwatch.collector.detectors.stats import Excursion, RollingWindow, first_finite
 
 # The tail reference leaves out the latest accepted norms: a growth of less than `max_factor`

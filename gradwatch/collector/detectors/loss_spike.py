@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+    finite,
+)
 from gradwatch.collector.detectors.stats import Excursion
 
 

@@ -6,7 +6,12 @@ import math
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+)
 from gradwatch.collector.detectors.stats import Latch
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+)
 from gradwatch.collector.detectors.stats import Latch, RollingWindow
 
 

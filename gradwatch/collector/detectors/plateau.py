@@ -8,7 +8,13 @@ from collections import deque
 
 from pydantic import Field
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+    finite,
+)
 from gradwatch.collector.detectors.stats import max_lr
 
 # A one-step LR fall of more than 10% is a deliberate reduction (a reduce_lr action, a step

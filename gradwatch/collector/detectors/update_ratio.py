@@ -7,7 +7,13 @@ import re
 
 from pydantic import Field, field_validator
 
-from gradwatch.collector.detectors.base import Detector, DetectorSettings, Finding, Observation, finite
+from gradwatch.collector.detectors.base import (
+    Detector,
+    DetectorSettings,
+    Finding,
+    Observation,
+    finite,
+)
 from gradwatch.collector.detectors.stats import Latch, max_lr
 
 
