@@ -4,6 +4,7 @@ and the metrics collector, driven with messages and an explicit clock."""
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 
 import pytest
@@ -292,9 +293,33 @@ def test_acks_are_traced_to_their_alert():
 # --- metrics ------------------------------------------------------------------------------------------
 
 
-def scrape(reg: Registry, now: float, **config: object) -> str:
+def scrape(reg: Registry, now: float, wanted: set[str] | None = None, **config: object) -> str:
     cfg = CollectorConfig.model_validate(config)
-    return MetricsCollector(reg, IngestStats(), cfg, clock=lambda: now).exposition().decode()
+    return MetricsCollector(reg, IngestStats(), cfg, clock=lambda: now).exposition(wanted).decode()
+
+
+def test_layer_series_leave_out_missing_values_and_spell_non_finite_ones_as_prometheus_does():
+    reg = registry()
+    reg.hello(Hello(v=PROTOCOL_VERSION, run="r", layers=["a", "b", "c", "d"]), 0.0)
+    reg.steps("r", 0, Steps(records=[record(1, layer_grad_sq=[4.0, None, math.inf, math.nan])]), 1.0)
+    reg.hello(Hello(v=PROTOCOL_VERSION, run="s", layers=["a"]), 0.0)
+    reg.steps("s", 0, Steps(records=[record(1, layer_grad_sq=[0.25])]), 1.0)
+    assert re.findall(r"^gradwatch_layer_grad_norm\{.*$", scrape(reg, 1.0), re.MULTILINE) == [
+        'gradwatch_layer_grad_norm{layer="a",run="r"} 2.0',
+        'gradwatch_layer_grad_norm{layer="c",run="r"} +Inf',
+        'gradwatch_layer_grad_norm{layer="d",run="r"} NaN',
+        'gradwatch_layer_grad_norm{layer="a",run="s"} 0.5',
+    ]
+
+
+def test_metrics_restricted_to_the_names_asked_for():
+    reg = registry()
+    reg.hello(hello(), 0.0)
+    reg.steps("r", 0, Steps(records=[record(1, layer_grad_sq=[1.0, 4.0])]), 1.0)
+    text = scrape(reg, 1.0, wanted={"gradwatch_steps_total", "gradwatch_layer_grad_norm", "gradwatch_run_up"})
+    families = set(re.findall(r"^# TYPE (\w+)", text, re.MULTILINE))
+    assert families == {"gradwatch_steps_total", "gradwatch_layer_grad_norm", "gradwatch_run_up"}
+    assert 'gradwatch_steps_total{run="r"} 1.0' in text and 'gradwatch_layer_grad_norm{layer="b",run="r"} 2.0' in text
 
 
 def test_layer_cap_and_dropped_count():

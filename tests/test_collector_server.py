@@ -149,6 +149,9 @@ def test_ingest_to_metrics_runs_and_alerts(collector, open_probe):
     assert math.isnan(series(metrics, "gradwatch_loss", run="train-1", split="train"))
     assert series(metrics, "gradwatch_collector_messages_total", type="steps") == 2
     assert series(metrics, "gradwatch_collector_connections") == 1
+    status, body = collector.get("/metrics?name[]=gradwatch_run_step&name[]=gradwatch_layer_grad_norm")
+    assert status == 200 and set(re.findall(r"^(\w+)\{", body.decode(), re.MULTILINE)) == {
+        "gradwatch_run_step", "gradwatch_layer_grad_norm"}
 
     ws.send(encode(Bye()))
     ws.close()
@@ -345,7 +348,7 @@ BAD_QUERIES = [
     ("/api/alerts?bogus=1", "unknown query parameter 'bogus'"),
     ("/api/alerts?run=a&run=b", "once"),
     ("/api/runs?status=zombie", "status must be"),
-    ("/metrics?x=1", "takes none"),
+    ("/metrics?x=1", "allowed: name[]"),
 ]
 
 

@@ -8,6 +8,7 @@ and alerting rules depend on them, so treat them as an API.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from prometheus_client.utils import floatToGoString
 
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.detectors.base import Observation
+from gradwatch.collector.detectors.stats import all_finite
 from gradwatch.collector.registry import Registry, Run
 from gradwatch.protocol import ALERT_KINDS
 
@@ -67,33 +69,42 @@ class MetricsCollector(Collector):
         self.stats = stats
         self.config = config
         self.clock = clock
+        self._layer_lines: dict[str, LayerLines] = {}
 
     def describe(self) -> list[Metric]:
         return []  # families depend on state; do not collect at registration
 
-    def collect(self) -> Iterator[Metric]:
-        """Every family but the per-layer ones (see `layer_rows`)."""
-        yield from self._run_families()
-        yield from self._health_families()
+    def collect(self, wanted: set[str] | None = None) -> Iterator[Metric]:
+        """Every family but the per-layer ones (see `layer_rows`); only those named in
+        `wanted` (as exposed: a counter by its `_total` name) when given."""
+        yield from self._run_families(wanted)
+        yield from (family for family in self._health_families() if _exposed(family, wanted))
 
-    def layer_rows(self) -> list[LayerRows]:
+    def layer_rows(self, wanted: set[str] | None = None) -> list[LayerRows]:
         """What the per-layer families export: for each visible run its exported layers and
         its latest per-layer detail (an immutable observation, safe to format off the loop)."""
+        if wanted is not None and wanted.isdisjoint(LAYER_FAMILY_NAMES):
+            return []
         now = self.clock()
         cap = self.config.metrics.layer_cap
         rows = []
+        lines_by_run: dict[str, LayerLines] = {}  # only visible runs: evicted ones leave the cache
         for run in self.registry.visible_runs(now, self.config.retention.finished_grace_seconds):
-            detail = run.latest_layer_detail
-            if detail is not None:
-                rows.append(LayerRows(run.name, exported_layers(run.layers, cap), detail))
+            lines = self._layer_lines.get(run.name)
+            if lines is None or lines.layers is not run.layers:
+                lines = LayerLines.build(run.name, run.layers, cap)
+            lines_by_run[run.name] = lines
+            if run.latest_layer_detail is not None:
+                rows.append(LayerRows(lines, run.latest_layer_detail))
+        self._layer_lines = lines_by_run
         return rows
 
-    def exposition(self) -> bytes:
-        """The whole /metrics body, in one go (tests; the server splits snapshot and formatting)."""
-        return render(list(self.collect())) + render_layers(self.layer_rows())
+    def exposition(self, wanted: set[str] | None = None) -> bytes:
+        """The /metrics body in one go (tests; the server splits snapshot and formatting)."""
+        return b"".join(exposition_chunks(list(self.collect(wanted)), self.layer_rows(wanted), wanted))
 
-    def _run_families(self) -> Iterator[Metric]:
-        f = {
+    def _run_families(self, wanted: set[str] | None) -> Iterator[Metric]:
+        families = {
             "up": _gauge("gradwatch_run_up", "1 while the run is running (or degraded), 0 once it ended", ["run"]),
             "status": _gauge("gradwatch_run_status", "1 for the run's current status", ["run", "status"]),
             "step": _gauge("gradwatch_run_step", "last merged optimizer step", ["run"]),
@@ -130,11 +141,14 @@ class MetricsCollector(Collector):
             "dropped": _counter("gradwatch_probe_dropped_records_total",
                                 "step records a probe dropped (buffer full during an outage)", ["run", "rank"]),
         }
+        # Families not asked for take their samples into a sink: one pass over the runs
+        # serves a filtered scrape as cheaply as it can.
+        f = {key: family if _exposed(family, wanted) else _SINK for key, family in families.items()}
         now = self.clock()
         cap = self.config.metrics.layer_cap
         for run in self.registry.visible_runs(now, self.config.retention.finished_grace_seconds):
             self._add_run(f, run, cap)
-        yield from f.values()
+        yield from (family for family in f.values() if family is not _SINK)
 
     def _add_run(self, f: dict[str, Metric], run: Run, cap: int) -> None:
         name = run.name
@@ -206,6 +220,25 @@ class MetricsCollector(Collector):
         yield from (connections, messages, rejected, lag, runs, evicted, cap)
 
 
+def _exposed(family: Metric, wanted: set[str] | None) -> bool:
+    """Whether a scrape restricted to `wanted` names (None: all) includes `family`; a counter
+    is asked for by its exposed `_total` name."""
+    return wanted is None or family.name in wanted or f"{family.name}_total" in wanted
+
+
+class _Sink(GaugeMetricFamily):
+    """Takes the samples of a family nobody asked for, and keeps none."""
+
+    def __init__(self) -> None:
+        super().__init__("gradwatch_unused", "")
+
+    def add_metric(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+_SINK = _Sink()
+
+
 def exported_layers(layers: tuple[str, ...], cap: int) -> list[tuple[int, str]]:
     """(index, name) of the layers exported: the first `cap` distinct names in hello order
     (a duplicate name would make two identical series, which is invalid exposition)."""
@@ -215,13 +248,6 @@ def exported_layers(layers: tuple[str, ...], cap: int) -> list[tuple[int, str]]:
             break
         seen.setdefault(layer, index)
     return [(index, layer) for layer, index in seen.items()]
-
-
-@dataclass(frozen=True)
-class LayerRows:
-    run: str
-    layers: list[tuple[int, str]]  # (index, name) of the exported layers
-    detail: Observation
 
 
 # The per-layer families hold most series (runs x layers x 3): they are formatted here
@@ -234,22 +260,62 @@ LAYER_FAMILIES: tuple[tuple[str, str, Callable[[Observation], tuple[float | None
     ("gradwatch_layer_weight_norm", "per-layer weight norm", lambda o: o.layer_weight_norm),
     ("gradwatch_layer_update_ratio", "per-layer ||update|| / ||weight||", lambda o: o.layer_update_ratio),
 )
+LAYER_FAMILY_NAMES = frozenset(name for name, _, _ in LAYER_FAMILIES)
 
 
-def render_layers(rows: list[LayerRows]) -> bytes:
-    out: list[str] = []
-    for family, doc, values_of in LAYER_FAMILIES:
-        out.append(f"# HELP {family} {doc}\n# TYPE {family} gauge\n")
+@dataclass(frozen=True)
+class LayerLines:
+    """What a run's per-layer series look like, built once per layout: which layers are
+    exported and, per family, each exported layer's line up to its value."""
+
+    layers: tuple[str, ...]  # the run's layout these lines were built for
+    indices: tuple[int, ...] | None  # the exported layers' indices; None when all are, in order
+    prefixes: dict[str, tuple[str, ...]]  # family -> 'family{layer="…",run="…"} ' per exported layer
+
+    @classmethod
+    def build(cls, run: str, layers: tuple[str, ...], cap: int) -> LayerLines:
+        exported = exported_layers(layers, cap)
+        indices = tuple(index for index, _ in exported)
+        return cls(
+            layers,
+            None if indices == tuple(range(len(layers))) else indices,
+            {family: tuple(f'{family}{{layer="{layer}",run="{run}"}} ' for _, layer in exported)
+             for family in LAYER_FAMILY_NAMES},
+        )
+
+
+@dataclass(frozen=True)
+class LayerRows:
+    lines: LayerLines
+    detail: Observation  # the run's latest observation with per-layer values
+
+
+def exposition_chunks(
+    families: list[Metric], rows: list[LayerRows], wanted: set[str] | None = None
+) -> Iterator[bytes]:
+    """The text exposition of a snapshot (`collect` and `layer_rows`), a family or a run's
+    layers at a time, so that a caller on the event loop can let ingest in between."""
+    for family in families:
+        yield render([family])
+    for name, doc, values_of in LAYER_FAMILIES:
+        if wanted is not None and name not in wanted:
+            continue
+        yield f"# HELP {name} {doc}\n# TYPE {name} gauge\n".encode()
         for row in rows:
             values = values_of(row.detail)
-            if values is None:
-                continue
-            suffix = f'",run="{row.run}"}} '
-            for index, layer in row.layers:
-                value = values[index]
-                if value is not None:
-                    out.append(f'{family}{{layer="{layer}{suffix}{floatToGoString(value)}\n')
-    return "".join(out).encode()
+            if values is not None:
+                yield _layer_lines(row.lines, name, values).encode()
+
+
+def _layer_lines(lines: LayerLines, family: str, values: tuple[float | None, ...]) -> str:
+    if lines.indices is not None:
+        values = tuple(values[i] for i in lines.indices)
+    prefixes = lines.prefixes[family]
+    if all_finite(values):  # the usual case: repr is the exposition of a finite float
+        return "\n".join(map(operator.add, prefixes, map(repr, values))) + "\n"
+    # a None (no line) or a non-finite value (+Inf, -Inf, NaN)
+    return "".join(f"{prefix}{floatToGoString(value)}\n" for prefix, value in zip(prefixes, values)
+                   if value is not None)
 
 
 class _Snapshot(Collector):
@@ -262,8 +328,7 @@ class _Snapshot(Collector):
 
 def render(families: list[Metric]) -> bytes:
     """The text exposition of `families` alone (a private registry: no process or Python
-    metrics of the host). Pure formatting of a snapshot, so it can run off the event loop:
-    for hundreds of runs it is most of a scrape's cost."""
+    metrics of the host)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Snapshot(families))
     return generate_latest(registry)

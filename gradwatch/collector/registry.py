@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -516,6 +517,7 @@ def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, laye
     for record in reversed(records):  # the lowest rank wins a name several ranks log
         scalars.update(record.scalars)
     n_layers = len(layers)
+    layer_weight_norm = _layer_roots(layer_weight_sq, n_layers)
     observation = Observation(
         step=step,
         time=max(r.time for r in records),
@@ -529,8 +531,8 @@ def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, laye
         scalars=scalars,
         layers=layers,
         layer_grad_norm=_layer_roots(layer_grad_sq, n_layers),
-        layer_weight_norm=_layer_roots(layer_weight_sq, n_layers),
-        layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, n_layers),
+        layer_weight_norm=layer_weight_norm,
+        layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, layer_weight_norm, n_layers),
     )
     return MergedStep(observation, tuple(first.momentum), tuple(first.weight_decay))
 
@@ -589,13 +591,16 @@ def _layer_roots(squares: Sequence[float | None] | None, n: int) -> tuple[float 
 
 
 def _ratios(
-    update_sq: Sequence[float] | None, weight_sq: Sequence[float] | None, n: int
+    update_sq: Sequence[float] | None,
+    weight_sq: Sequence[float] | None,
+    weight_norm: Sequence[float | None] | None,
+    n: int,
 ) -> tuple[float | None, ...] | None:
     if update_sq is None or weight_sq is None:
         return None
-    if len(update_sq) == n and len(weight_sq) == n:
-        try:  # the usual all-valid case in one pass (see _layer_roots)
-            return tuple([math.sqrt(u / w) for u, w in zip(update_sq, weight_sq)])
+    if len(update_sq) == n and weight_norm is not None:
+        try:  # the usual all-valid case in C (see _layer_roots), from the weight norms at hand
+            return tuple(map(operator.truediv, map(math.sqrt, update_sq), weight_norm))  # type: ignore[arg-type]
         except (TypeError, ValueError, ZeroDivisionError):
             pass
     ratios: list[float | None] = []

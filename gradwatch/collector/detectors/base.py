@@ -94,8 +94,8 @@ class Detector(ABC):
 
     def observe(self, obs: Observation) -> list[AlertEvent]:
         findings = self.check(obs)
-        if findings is None:
-            return []
+        if findings is None or (not findings and not self._active):
+            return []  # nothing holds and nothing did: most steps of most runs
         now = {f.layer: f for f in findings}
         events = [
             AlertEvent(self.kind, f.severity, obs.step, f.message, f.layer, False, f.value)

@@ -14,6 +14,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
+from gradwatch.collector.detectors.stats import all_finite
 
 
 class DeadLayerSettings(DetectorSettings):
@@ -52,6 +53,9 @@ class DeadLayerDetector(Detector):
         if obs.layer_grad_norm is None:
             return None
         s = self.settings
+        grads = obs.layer_grad_norm
+        if not self._silent and all_finite(grads) and min(grads, default=math.inf) > s.zero_norm:
+            return []  # every layer alive and none was silent: the common case, screened in C
         silent: dict[str, _Silence] = {}
         findings = []
         for name, grad in zip(obs.layers, obs.layer_grad_norm):

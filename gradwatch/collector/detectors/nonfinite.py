@@ -12,7 +12,7 @@ from gradwatch.collector.detectors.base import (
     Finding,
     Observation,
 )
-from gradwatch.collector.detectors.stats import Latch
+from gradwatch.collector.detectors.stats import Latch, all_finite
 
 
 class NonfiniteSettings(DetectorSettings):
@@ -57,7 +57,7 @@ def _nonfinite_parts(obs: Observation) -> list[str]:
     if norm is not None and not math.isfinite(norm):
         parts.append(f"gradient norm ({norm})")
     layer_count = obs.nonfinite_layers
-    if obs.layer_grad_norm is not None:
+    if obs.layer_grad_norm is not None and not all_finite(obs.layer_grad_norm):
         bad = sum(1 for g in obs.layer_grad_norm if g is not None and not math.isfinite(g))
         layer_count = max(layer_count, bad)
     if layer_count:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from bisect import bisect_right
 from collections import deque
 
 from pydantic import Field
@@ -81,7 +82,10 @@ class PlateauDetector(Detector):
     def __init__(self, settings: PlateauSettings | None = None) -> None:
         super().__init__(settings)
         self._first_block: list[float] = []
-        self._samples: deque[tuple[int, float]] = deque()  # (step, loss), every `_stride`-th
+        # Every `_stride`-th (step, loss), in two aligned deques: the steps are sorted, so
+        # each block is found by bisection instead of a scan of every sample.
+        self._steps: deque[int] = deque()
+        self._losses: deque[float] = deque()
         self._stride = 1
         self._seen = 0
         self._since: int | None = None  # first step of the current comparison history
@@ -96,19 +100,22 @@ class PlateauDetector(Detector):
         lr = max_lr(obs.lr)
         self._peak_lr = max(self._peak_lr, lr or 0.0)
         if self._lr_moved(lr) or self._since is None:
-            self._samples.clear()
+            self._steps.clear()
+            self._losses.clear()
             self._since, self._evaluated_at = obs.step, None
         self._remember(obs.step, obs.loss)
         block = max(s.patience, s.patience_fraction * obs.step)
-        while self._samples and self._samples[0][0] <= obs.step - _SPAN * block:
-            self._samples.popleft()
+        while self._steps and self._steps[0] <= obs.step - _SPAN * block:
+            self._steps.popleft()
+            self._losses.popleft()
         if obs.step - self._since < _SPAN * block or len(self._first_block) < s.patience:
             return []  # warm-up: three full blocks since the start, the LR warm-up or a drop
         evaluated_at = self._evaluated_at
         if evaluated_at is not None and obs.step - evaluated_at < block / _EVALUATIONS_PER_BLOCK:
             return None  # between evaluations the alert state stands
-        recent_losses = [x for t, x in self._samples if t > obs.step - block]
-        earlier_losses = [x for t, x in self._samples if t <= obs.step - (_SPAN - 1) * block]
+        losses = list(self._losses)
+        recent_losses = losses[bisect_right(self._steps, obs.step - block):]
+        earlier_losses = losses[: bisect_right(self._steps, obs.step - (_SPAN - 1) * block)]
         if not recent_losses or not earlier_losses:
             return None  # a block lost to NaNs: cannot tell
         self._evaluated_at = obs.step
@@ -143,9 +150,11 @@ class PlateauDetector(Detector):
         self._seen += 1
         if self._seen % self._stride:
             return
-        self._samples.append((step, loss))
-        if len(self._samples) > 2 * _BLOCK_SAMPLES:
-            self._samples = deque(list(self._samples)[::2])
+        self._steps.append(step)
+        self._losses.append(loss)
+        if len(self._steps) > 2 * _BLOCK_SAMPLES:
+            self._steps = deque(list(self._steps)[::2])
+            self._losses = deque(list(self._losses)[::2])
             self._stride *= 2
 
     def _lr_moved(self, lr: float | None) -> bool:
@@ -159,5 +168,5 @@ class PlateauDetector(Detector):
 def _median_and_error(values: list[float]) -> tuple[float, float]:
     """The median and its standard error, 1.2533 sigma / sqrt(n), sigma from the MAD."""
     median = statistics.median(values)
-    sigma = 1.4826 * statistics.median(abs(x - median) for x in values)
+    sigma = 1.4826 * statistics.median([abs(x - median) for x in values])
     return median, 1.2533 * sigma / math.sqrt(len(values))

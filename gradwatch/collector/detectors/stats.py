@@ -156,6 +156,16 @@ class Excursion:
         return active
 
 
+def all_finite(values: Iterable[float | None]) -> bool:
+    """True when every value is a finite float, in one C-level `sum` instead of a Python
+    loop: per-layer rules screen the usual all-healthy vector with it before looking layer
+    by layer (a None raises TypeError; a NaN, an inf or an overflowing sum is not finite)."""
+    try:
+        return math.isfinite(sum(values))  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
 def first_finite(*values: float | None) -> float | None:
     """The first argument that is a finite number (e.g. the pre-clip norm, else the norm)."""
     for value in values:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from itertools import compress
 
 from pydantic import Field, field_validator
 
@@ -14,7 +15,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import Latch, max_lr
+from gradwatch.collector.detectors.stats import Latch, all_finite, max_lr
 
 
 class UpdateRatioSettings(DetectorSettings):
@@ -83,10 +84,16 @@ class UpdateRatioDetector(Detector):
         s = self.settings
         if obs.step < s.warmup:
             return []
+        judged = self._judged(obs.layers)
+        if not self._latches:  # screen the usual all-in-band vector in C before the per-layer loop
+            ratios = tuple(compress(obs.layer_update_ratio, judged))
+            if all_finite(ratios) and s.min_ratio <= min(ratios, default=s.min_ratio) \
+                    and max(ratios, default=s.max_ratio) <= s.max_ratio:
+                return []
         grads = obs.layer_grad_norm or (None,) * len(obs.layers)
         annealed = lr is not None and lr <= s.annealed_lr_fraction * self._peak_lr
         findings = []
-        per_layer = zip(obs.layers, self._judged(obs.layers), obs.layer_update_ratio, obs.layer_weight_norm, grads)
+        per_layer = zip(obs.layers, judged, obs.layer_update_ratio, obs.layer_weight_norm, grads)
         for name, judged, ratio, weight, grad in per_layer:
             latch = self._latches.get(name)
             if judged and ratio is not None and weight is not None and s.min_weight_norm < weight < math.inf \

@@ -12,7 +12,7 @@ from gradwatch.collector.detectors.base import (
     Finding,
     Observation,
 )
-from gradwatch.collector.detectors.stats import Latch
+from gradwatch.collector.detectors.stats import Latch, all_finite
 
 
 class VanishingGradientsSettings(DetectorSettings):
@@ -52,7 +52,8 @@ class VanishingGradientsDetector(Detector):
     def check(self, obs: Observation) -> list[Finding] | None:
         if obs.layer_grad_norm is None:
             return None
-        norms = [g for g in obs.layer_grad_norm if g is not None and math.isfinite(g)]
+        grads = obs.layer_grad_norm
+        norms = grads if all_finite(grads) else [g for g in grads if g is not None and math.isfinite(g)]
         if len(norms) < 2:
             return None
         if obs.step < self.settings.warmup:
