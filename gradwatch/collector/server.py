@@ -84,7 +84,7 @@ log = logging.getLogger("gradwatch.collector")
 
 ACTION_SEND_TIMEOUT = 2.0  # seconds an action may wait on one rank's connection
 RUN_STATE_SAVE_SECONDS = 10.0  # how often running runs' progress is written to the data dir
-RENDER_SLICE_SECONDS = 0.005  # /metrics formatting yields to ingest this often
+RENDER_SLICE_SECONDS = 0.02  # /metrics formatting yields to ingest this often
 _REASON_BY_CODE = {
     CLOSE_INVALID_MESSAGE: "invalid_message",
     CLOSE_UNSUPPORTED_VERSION: "unsupported_version",
