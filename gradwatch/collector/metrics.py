@@ -69,7 +69,7 @@ class MetricsCollector(Collector):
         self.stats = stats
         self.config = config
         self.clock = clock
-        self._layer_lines: dict[str, LayerLines] = {}
+        self._lines_by_run: dict[str, LayerLines] = {}
 
     def describe(self) -> list[Metric]:
         return []  # families depend on state; do not collect at registration
@@ -82,7 +82,8 @@ class MetricsCollector(Collector):
 
     def layer_rows(self, wanted: set[str] | None = None) -> list[LayerRows]:
         """What the per-layer families export: for each visible run its exported layers and
-        its latest per-layer detail (an immutable observation, safe to format off the loop)."""
+        its latest per-layer detail (an immutable observation, so formatting may span several
+        turns of the event loop)."""
         if wanted is not None and wanted.isdisjoint(LAYER_FAMILY_NAMES):
             return []
         now = self.clock()
@@ -90,13 +91,13 @@ class MetricsCollector(Collector):
         rows = []
         lines_by_run: dict[str, LayerLines] = {}  # only visible runs: evicted ones leave the cache
         for run in self.registry.visible_runs(now, self.config.retention.finished_grace_seconds):
-            lines = self._layer_lines.get(run.name)
+            lines = self._lines_by_run.get(run.name)
             if lines is None or lines.layers is not run.layers:
                 lines = LayerLines.build(run.name, run.layers, cap)
             lines_by_run[run.name] = lines
             if run.latest_layer_detail is not None:
                 rows.append(LayerRows(lines, run.latest_layer_detail))
-        self._layer_lines = lines_by_run
+        self._lines_by_run = lines_by_run
         return rows
 
     def exposition(self, wanted: set[str] | None = None) -> bytes:
