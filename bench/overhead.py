@@ -148,12 +148,17 @@ def ratio_with_interval(condition: list[float], bare: list[float]) -> tuple[tupl
 # ---- reporting ----------------------------------------------------------------------------
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
+def _fmt_si(n: float, units: tuple[str, ...]) -> str:
+    """`n` with three significant digits and the first unit (powers of 1000) that fits."""
+    for unit in units[:-1]:
         if n < 1000:
-            return f"{n:.3g} {unit}"
+            return f"{n:.3g}{unit}"
         n /= 1000
-    return f"{n:.3g} TB"
+    return f"{n:.3g}{units[-1]}"
+
+
+def fmt_bytes(n: float) -> str:
+    return _fmt_si(n, (" B", " KB", " MB", " GB", " TB"))
 
 
 def fmt_signed_bytes(n: float) -> str:
@@ -161,11 +166,7 @@ def fmt_signed_bytes(n: float) -> str:
 
 
 def fmt_count(n: float) -> str:
-    for unit in ("", "K", "M", "G"):
-        if n < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}T"
+    return _fmt_si(n, ("", "K", "M", "G", "T"))
 
 
 def fmt_ratio(estimate: tuple[float, float, float]) -> str:

@@ -69,5 +69,4 @@ class AmpScaleCollapseDetector(Detector):
             reasons.append(f"{len(self._skip_steps)} skipped steps in the last {s.window}")
         if not self._latch.update(bool(reasons)):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
-        return [onset or Finding(f"loss scaling collapsed at step {obs.step}: {'; '.join(reasons)}")]
+        return [Finding(f"loss scaling collapsed at step {obs.step}: {'; '.join(reasons)}")]

@@ -3,7 +3,8 @@
 A detector is a small pure object: it keeps its own state, does no I/O and reads no clock.
 Subclasses implement `check`, which says which conditions hold *now*; the base class turns
 those into events with hysteresis: an alert fires once when its condition starts and resolves
-once when it ends, so a persisting condition never produces an alert storm.
+once when it ends, so a persisting condition never produces an alert storm; while it lasts,
+it keeps the finding (message, value) of its onset.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Detector(ABC):
         findings = self.check(obs)
         if findings is None or (not findings and not self._active):
             return []  # nothing holds and nothing did: most steps of most runs
-        now = {f.layer: f for f in findings}
+        now = {f.layer: self._active.get(f.layer, f) for f in findings}
         events = [
             AlertEvent(self.kind, f.severity, obs.step, f.message, f.layer, False, f.value)
             for key, f in now.items()

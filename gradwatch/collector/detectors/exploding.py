@@ -79,10 +79,8 @@ class ExplodingGradientsDetector(Detector):
             self._accept(norm)
         if not self._excursion.update(norm, above):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
         return [
-            onset
-            or Finding(
+            Finding(
                 f"gradient norm {norm:.4g} at step {obs.step} is past its threshold "
                 f"{threshold:.4g} (recent median {median:.4g})",
                 "critical",

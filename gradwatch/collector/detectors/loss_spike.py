@@ -68,10 +68,8 @@ class LossSpikeDetector(Detector):
         threshold = median + (margin / 2 if self._excursion.active else margin)
         if not self._excursion.update(loss, above=loss > threshold):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
         return [
-            onset
-            or Finding(
+            Finding(
                 f"loss spiked to {loss:.4g} at step {obs.step} "
                 f"(median of recent steps {median:.4g}, threshold {median + margin:.4g})",
                 value=loss,

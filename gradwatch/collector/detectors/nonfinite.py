@@ -45,8 +45,7 @@ class NonfiniteDetector(Detector):
             culprits = []
         if not self._latch.update(bool(culprits)):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
-        return [onset or Finding(f"non-finite {', '.join(culprits)} at step {obs.step}", "critical")]
+        return [Finding(f"non-finite {', '.join(culprits)} at step {obs.step}", "critical")]
 
 
 def _nonfinite_parts(obs: Observation) -> list[str]:

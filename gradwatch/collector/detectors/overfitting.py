@@ -87,9 +87,6 @@ class OverfittingDetector(Detector):
             overfitting = rising or memorising
         if not self._latch.update(overfitting):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
-        if onset is not None:
-            return [onset]
         trend = "" if train is None or train_at_best is None else (
             f" while the training loss went from {train_at_best:.4g} to {train:.4g}"
         )

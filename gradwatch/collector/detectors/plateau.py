@@ -133,10 +133,8 @@ class PlateauDetector(Detector):
             annealed = lr is not None and lr < s.annealed_lr_fraction * self._peak_lr
             if converged or annealed or improvement + noise > min_delta:
                 return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
         return [
-            onset
-            or Finding(
+            Finding(
                 f"loss has not improved in {2 * block:.0f} steps (median {recent:.4g} over the "
                 f"{block:.0f} steps to {obs.step}, {earlier:.4g} over {block:.0f} steps "
                 f"{2 * block:.0f} before)",

@@ -64,10 +64,8 @@ class VanishingGradientsDetector(Detector):
         vanishing = ratio < self.settings.max_ratio and input_side < self.settings.max_input_norm
         if not self._latch.update(vanishing):
             return []
-        onset = self.active.get(None)  # keep the message of the onset while it lasts
         return [
-            onset
-            or Finding(
+            Finding(
                 f"input-side gradient norm {input_side:.3g} is {ratio:.2g} of the output side's "
                 f"{output_side:.3g}",
                 value=ratio,
