@@ -64,6 +64,10 @@ AlertKind = Literal[
     "overfitting",
     "amp_scale_collapse",
     "update_ratio",
+    "divergence",
+    "not_learning",
+    "not_updated",
+    "accumulating_gradients",
     "run_lost",
     "rank_lost",
 ]

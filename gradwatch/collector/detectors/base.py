@@ -59,6 +59,7 @@ class AlertEvent:
     layer: str | None = None
     resolved: bool = False
     value: float | None = None
+    hint: str = ""  # what to try, in the order a practitioner would check it
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Finding:
     severity: Severity = "warning"
     layer: str | None = None
     value: float | None = None
+    hint: str = ""  # overrides the kind's runbook hint when this finding knows better
 
 
 class DetectorSettings(BaseModel):
