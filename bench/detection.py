@@ -39,12 +39,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import CASES, QUICK, Case  # noqa: E402
+from corpus import CASES, QUICK, Case
 
-from gradwatch.collector.config import RetentionConfig  # noqa: E402
-from gradwatch.collector.detectors import AlertEvent, build_detectors  # noqa: E402
-from gradwatch.collector.registry import AlertRaised, DetectorFailed, Registry  # noqa: E402
-from gradwatch.protocol import Bye, Hello, Steps, decode_probe_message  # noqa: E402
+from gradwatch.collector.config import RetentionConfig
+from gradwatch.collector.detectors import AlertEvent, build_detectors
+from gradwatch.collector.registry import AlertRaised, DetectorFailed, Registry
+from gradwatch.protocol import Bye, Hello, Steps, decode_probe_message
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".detection-cache"
@@ -122,6 +122,10 @@ def train(cases: list[Case], cache: Path, retrain: bool, jobs: int) -> dict[str,
 # ---- replay (pure: the collector's registry and default detectors) ----------------------
 
 
+class DetectorCrashed(Exception):
+    """A detector raised: the live collector would have switched it off for the run."""
+
+
 def replay(spool: Path) -> list[AlertEvent]:
     """Every alert event the collector's default detectors raise on this spool."""
     registry = Registry(RetentionConfig(), build_detectors)
@@ -143,7 +147,7 @@ def replay(spool: Path) -> list[AlertEvent]:
             continue
         for event in produced:
             if isinstance(event, DetectorFailed):
-                raise RuntimeError(f"detector {event.kind} failed on {spool.name}: {event.reason}")
+                raise DetectorCrashed(f"detector {event.kind} failed on {spool.name}: {event.reason}")
             if isinstance(event, AlertRaised) and event.alert.kind not in ("run_lost", "rank_lost"):
                 events.append(event.alert)
     return events

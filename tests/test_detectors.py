@@ -364,7 +364,7 @@ PATHOLOGIES = [
     Case("40x gradients for 60 steps, hidden by clipping", exploding_hidden_by_clipping,
          (Episode("exploding_gradients", (700, 701), (760, 780)),)),
     Case("10-layer network whose gradients vanish from the start", vanishing_from_start,
-         (Episode("vanishing_gradients", (100, 130)),)),
+         (Episode("vanishing_gradients", (100, 130)), Episode("not_learning", (60, 60), (61, 100)))),
     Case("input-side gradients vanish at 500, recover at 800", vanishing_mid_run,
          (Episode("vanishing_gradients", (500, 529), (800, 829)),)),
     Case("a layer gets no gradient (None) from 403, every=10", dead_layer(10, None, 403),
@@ -380,12 +380,13 @@ PATHOLOGIES = [
     Case("loss stops improving at 500, improves again at 1400", plateau_mid_run,
          (Episode("plateau", (500, 850), (1400, 1600)),)),
     Case("LR far too small: flat loss from the start", flat_loss,
-         (Episode("plateau", (240, 300)),)),
+         (Episode("not_learning", (60, 61)), Episode("plateau", (240, 300)))),
     Case("flat loss under an 800-step LR warm-up",
          lambda: flat_loss([1e-4 * min(1, t / 800) for t in range(1600)], steps=1600),
          (Episode("plateau", (1143, 1400)),)),
     Case("flat loss with a NaN burst", lambda: flat_loss(nan_at=100),
-         (Episode("nonfinite", (100, 100), (114, 114)), Episode("plateau", (240, 300)))),
+         (Episode("nonfinite", (100, 100), (114, 114)), Episode("not_learning", (60, 61)),
+          Episode("plateau", (240, 300)))),
     Case("val_loss rises from step 1000 while train falls", overfitting(recovers=False),
          (Episode("overfitting", (1150, 1350)),)),
     Case("val_loss rises, then comes back", overfitting(recovers=True),
@@ -545,7 +546,8 @@ def test_registry_covers_the_contract_kinds() -> None:
     assert set(DETECTORS) == set(DetectorsConfig.model_fields) <= set(ALERT_KINDS)
     assert set(DETECTORS) == {
         "nonfinite", "exploding_gradients", "vanishing_gradients", "dead_layer", "loss_spike",
-        "plateau", "overfitting", "amp_scale_collapse", "update_ratio",
+        "plateau", "overfitting", "amp_scale_collapse", "update_ratio", "divergence", "not_learning",
+        "not_updated", "accumulating_gradients",
     }
 
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gradwatch.collector.detectors.accumulating import (
+    AccumulatingGradientsDetector,
+    AccumulatingGradientsSettings,
+)
 from gradwatch.collector.detectors.amp_scale import (
     AmpScaleCollapseDetector,
     AmpScaleCollapseSettings,
@@ -27,6 +31,10 @@ from gradwatch.collector.detectors.dead_layer import (
     DeadLayerDetector,
     DeadLayerSettings,
 )
+from gradwatch.collector.detectors.divergence import (
+    DivergenceDetector,
+    DivergenceSettings,
+)
 from gradwatch.collector.detectors.exploding import (
     ExplodingGradientsDetector,
     ExplodingGradientsSettings,
@@ -36,6 +44,14 @@ from gradwatch.collector.detectors.loss_spike import (
     LossSpikeSettings,
 )
 from gradwatch.collector.detectors.nonfinite import NonfiniteDetector, NonfiniteSettings
+from gradwatch.collector.detectors.not_learning import (
+    NotLearningDetector,
+    NotLearningSettings,
+)
+from gradwatch.collector.detectors.not_updated import (
+    NotUpdatedDetector,
+    NotUpdatedSettings,
+)
 from gradwatch.collector.detectors.overfitting import (
     OverfittingDetector,
     OverfittingSettings,
@@ -62,6 +78,10 @@ DETECTORS: dict[str, type[Detector]] = {
         OverfittingDetector,
         AmpScaleCollapseDetector,
         UpdateRatioDetector,
+        DivergenceDetector,
+        NotLearningDetector,
+        NotUpdatedDetector,
+        AccumulatingGradientsDetector,
     )
 }
 
@@ -80,6 +100,10 @@ class DetectorsConfig(BaseModel):
     overfitting: OverfittingSettings = Field(default_factory=OverfittingSettings)
     amp_scale_collapse: AmpScaleCollapseSettings = Field(default_factory=AmpScaleCollapseSettings)
     update_ratio: UpdateRatioSettings = Field(default_factory=UpdateRatioSettings)
+    divergence: DivergenceSettings = Field(default_factory=DivergenceSettings)
+    not_learning: NotLearningSettings = Field(default_factory=NotLearningSettings)
+    not_updated: NotUpdatedSettings = Field(default_factory=NotUpdatedSettings)
+    accumulating_gradients: AccumulatingGradientsSettings = Field(default_factory=AccumulatingGradientsSettings)
 
 
 def build_detectors(config: DetectorsConfig | None = None) -> list[Detector]:

@@ -16,7 +16,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import max_lr
+from gradwatch.collector.detectors.stats import max_lr, median_and_error
 
 # A one-step LR fall of more than 10% is a deliberate reduction (a reduce_lr action, a step
 # schedule), not the slow slide of cosine or linear decay.
@@ -119,8 +119,8 @@ class PlateauDetector(Detector):
         if not recent_losses or not earlier_losses:
             return None  # a block lost to NaNs: cannot tell
         self._evaluated_at = obs.step
-        recent, recent_error = _median_and_error(recent_losses)
-        earlier, earlier_error = _median_and_error(earlier_losses)
+        recent, recent_error = median_and_error(recent_losses)
+        earlier, earlier_error = median_and_error(earlier_losses)
         improvement = earlier - recent
         noise = _NOISE_K * math.hypot(recent_error, earlier_error)
         min_delta = max(s.min_delta_rel * abs(earlier), s.min_delta_abs)
@@ -162,9 +162,3 @@ class PlateauDetector(Detector):
             return False
         return lr > previous * (1 + 1e-9) or lr < previous * _LR_DROP
 
-
-def _median_and_error(values: list[float]) -> tuple[float, float]:
-    """The median and its standard error, 1.2533 sigma / sqrt(n), sigma from the MAD."""
-    median = statistics.median(values)
-    sigma = 1.4826 * statistics.median([abs(x - median) for x in values])
-    return median, 1.2533 * sigma / math.sqrt(len(values))

@@ -156,6 +156,13 @@ class Excursion:
         return active
 
 
+def median_and_error(values: list[float]) -> tuple[float, float]:
+    """The median and its standard error, 1.2533 sigma / sqrt(n), sigma from the MAD."""
+    median = statistics.median(values)
+    sigma = 1.4826 * statistics.median([abs(x - median) for x in values])
+    return median, 1.2533 * sigma / math.sqrt(len(values))
+
+
 def all_finite(values: Iterable[float | None]) -> bool:
     """True when every value is a finite float, in one C-level `sum` instead of a Python
     loop: per-layer rules screen the usual all-healthy vector with it before looking layer
