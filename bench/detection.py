@@ -17,8 +17,9 @@ the held-out half (`--split tune` or `--split all` for the others).
     python bench/detection.py --retrain     # ignore the spool cache
 
 Trained spools are cached under `--cache` (default: .detection-cache/ beside this file),
-keyed by the case's source, the probe's source and torch's version, so iterating on the
-detectors replays in seconds; changing a case or the probe retrains it.
+keyed by the case's module, the corpus's shared helpers (corpus/common.py), the probe's
+source and torch's version, so iterating on the detectors replays in seconds; changing a
+case, its helpers or the probe retrains it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from gradwatch.protocol import Bye, Hello, Steps, decode_probe_message
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".detection-cache"
+CORPUS_SHARED = Path(__file__).resolve().parent / "corpus" / "common.py"
 DIVERGENCE_BOUND = 10  # steps: the issue's target for divergence
 SILENT_BUG_BOUND = 100  # steps: the target for everything else
 
@@ -64,6 +66,7 @@ def _source_key(case: Case) -> str:
     probe_sources = sorted((ROOT / "gradwatch" / "probe").glob("*.py"))
     digest = hashlib.sha256()
     digest.update(inspect.getsource(sys.modules[case.train.__module__]).encode())
+    digest.update(CORPUS_SHARED.read_bytes())  # the data and models every family imports
     for path in probe_sources:
         digest.update(path.read_bytes())
     import torch
@@ -177,7 +180,9 @@ def judge(case: Case, events: Iterable[AlertEvent]) -> Verdict:
     firings = [e for e in events if not e.resolved]
     fired = [e for e in firings if e.severity != "info"]
     notes = [e for e in firings if e.severity == "info"]
-    caught = next((e for e in fired if e.kind in case.expected and e.step >= case.onset), None)
+    # A note of a correct kind is a correct answer (plateau is a note by design); a note of
+    # any other kind is not a false alert (it pages no one), but it is listed.
+    caught = next((e for e in firings if e.kind in case.expected and e.step >= case.onset), None)
     false = [e for e in fired if not (e.kind in case.expected and e.step >= case.onset)]
     return Verdict(case, fired, notes, caught, false)
 

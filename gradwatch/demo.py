@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from typing import Any
@@ -48,6 +49,7 @@ class AlertPrinter(threading.Thread):
         self.http_url = http_url
         self.seen = 0
         self.entries: list[dict[str, Any]] = []
+        self._hinted: set[tuple[str, str]] = set()  # (run, hint) already printed
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
 
@@ -63,7 +65,10 @@ class AlertPrinter(threading.Thread):
                 return
             for entry in entries[self.seen:]:
                 self.entries.append(entry)
-                print("    " + _describe(entry), flush=True)
+                # A hint once per run: five dead layers need one "try:" line, not five.
+                seen = (entry["run"], entry.get("hint", ""))
+                print(textwrap.indent(_describe(entry, with_hint=seen not in self._hinted), "    "), flush=True)
+                self._hinted.add(seen)
             self.seen = len(entries)
 
     def stop(self) -> None:
@@ -71,11 +76,13 @@ class AlertPrinter(threading.Thread):
         self.poll()
 
 
-def _describe(entry: dict[str, Any]) -> str:
+def _describe(entry: dict[str, Any], *, with_hint: bool) -> str:
     event = entry.get("event", "fired")
     layer = f" [{entry['layer']}]" if entry.get("layer") else ""
     marks = {"fired": "ALERT", "resolved": "resolved", "action": "ACTION", "ack": "ack"}
-    return f"{marks.get(event, event):>8} {entry['kind']}{layer} at step {entry['step']}: {entry['message']}"
+    line = f"{marks.get(event, event):>8} {entry['kind']}{layer} at step {entry['step']}: {entry['message']}"
+    # What to try goes on a line of its own, under the kind, so the alert line stays short.
+    return line + (f"\n{'':8} try: {entry['hint']}" if with_hint and entry.get("hint") else "")
 
 
 def _wait_until_ended(http_url: str, run: str, timeout: float = 15.0) -> None:

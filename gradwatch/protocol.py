@@ -118,10 +118,17 @@ class StepRecord(_Message):
     weight_decay: Annotated[list[float | None], Field(max_length=MAX_PARAM_GROUPS)] = []
     scalars: Annotated[dict[ScalarName, float], Field(max_length=MAX_SCALARS)] = {}
     # Per-layer detail, aligned with Hello.layers; only on every `every`-th step.
-    # A None gradient entry means the trainable layer got no gradient at all.
+    # A None gradient entry of a layer not in `layer_frozen` means that it got no gradient.
     layer_grad_sq: Annotated[list[float | None], Field(max_length=MAX_LAYERS)] | None = None
-    layer_weight_sq: Annotated[list[float], Field(max_length=MAX_LAYERS)] | None = None
-    layer_update_sq: Annotated[list[float], Field(max_length=MAX_LAYERS)] | None = None
+    layer_weight_sq: Annotated[list[float | None], Field(max_length=MAX_LAYERS)] | None = None
+    layer_update_sq: Annotated[list[float | None], Field(max_length=MAX_LAYERS)] | None = None
+    # On detail steps: the indices (into Hello.layers) of the layers none of whose
+    # parameters requires a gradient, frozen before or after attach. The probe does not
+    # measure them: their entries in the three lists above are None. The collector ignores
+    # an index beyond the hello's layers, as it ignores per-layer values beyond them.
+    layer_frozen: (
+        Annotated[list[Annotated[int, Field(ge=0, lt=MAX_LAYERS)]], Field(max_length=MAX_LAYERS)] | None
+    ) = None
 
 
 class Steps(_Message):

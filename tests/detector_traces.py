@@ -19,12 +19,14 @@ INF = float("inf")
 
 @dataclass(frozen=True)
 class LayerDetail:
-    """One step's per-layer values, aligned with `names` (input side first)."""
+    """One step's per-layer values, aligned with `names` (input side first), and which
+    layers the probe reports frozen (indices into `names`)."""
 
     names: tuple[str, ...]
     grad: tuple[float | None, ...]
     weight: tuple[float, ...]
     update: tuple[float, ...]
+    frozen: frozenset[int] = frozenset()
 
 
 DetailFn = Callable[[int], LayerDetail]
@@ -48,7 +50,7 @@ def make_trace(
         layers = detail(step) if detail else None
         if layers and skip:  # an overflowed step: inf gradients, and nothing moved
             n = len(layers.names)
-            layers = LayerDetail(layers.names, (INF,) * n, layers.weight, (0.0,) * n)
+            layers = LayerDetail(layers.names, (INF,) * n, layers.weight, (0.0,) * n, layers.frozen)
         with_detail = layers is not None and step % every == 0
         norm = grad_norm[step] if grad_norm else None
         trace.append(
@@ -66,6 +68,7 @@ def make_trace(
                 layer_grad_norm=layers.grad if with_detail and layers else None,
                 layer_weight_norm=layers.weight if with_detail and layers else None,
                 layer_update_ratio=layers.update if with_detail and layers else None,
+                layer_frozen=layers.frozen if with_detail and layers else frozenset(),
             )
         )
     return trace
@@ -170,10 +173,12 @@ def with_layer(
     until: int | None = None,
     *,
     grad: float | None | object = _KEEP,
-    update: float | object = _KEEP,
+    update: float | None | object = _KEEP,
+    frozen: bool = False,
 ) -> DetailFn:
     """`detail` with one layer's gradient and/or update ratio replaced on steps in
-    [since, until): the way a pathology hits a single layer."""
+    [since, until), and the layer reported frozen there if `frozen`: the way a pathology
+    (or a fine-tune's freezing) hits a single layer."""
 
     def patched(step: int) -> LayerDetail:
         d = detail(step)
@@ -185,9 +190,17 @@ def with_layer(
             grads[i] = grad  # type: ignore[assignment]
         if update is not _KEEP:
             updates[i] = update  # type: ignore[assignment]
-        return LayerDetail(d.names, tuple(grads), d.weight, tuple(updates))
+        return LayerDetail(d.names, tuple(grads), d.weight, tuple(updates), d.frozen | {i} if frozen else d.frozen)
 
     return patched
+
+
+def frozen_from(detail: DetailFn, names: Sequence[str], since: int) -> DetailFn:
+    """`detail` with `names` frozen from `since` on, as the probe reports them: listed in
+    `layer_frozen`, with no gradient and no update."""
+    for name in names:
+        detail = with_layer(detail, name, since, grad=None, update=None, frozen=True)
+    return detail
 
 
 def splice(base: Sequence[float | None], start: int, values: Sequence[float | None]) -> list[float | None]:

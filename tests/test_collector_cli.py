@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradwatch.collector.config import ConfigError, ReduceLR, Stop, load_config
+from gradwatch.collector.detectors.runbook import hint
 from gradwatch.protocol import PROTOCOL_VERSION, Bye, Hello, StepRecord, Steps, encode
 
 
@@ -148,7 +149,10 @@ def test_runs_and_alerts_commands(collector, tmp_path: Path):
     assert raw[0]["name"] == "queried"
 
     alerts = gradwatch("alerts", "queried", "--url", collector.http_url)
-    assert alerts.returncode == 0 and "nonfinite" in alerts.stdout and "fired" in alerts.stdout
+    assert alerts.returncode == 0
+    header, fired, what_to_try = alerts.stdout.splitlines()
+    assert fired.split()[2:5] == ["queried", "fired", "nonfinite"]
+    assert what_to_try == f"    try: {hint('nonfinite')}"  # under the alert it belongs to
     assert json.loads(gradwatch("alerts", "--url", collector.http_url, "--json").stdout)[0]["kind"] == "nonfinite"
     assert "(none)" in gradwatch("alerts", "other-run", "--url", collector.http_url).stdout
     refused = gradwatch("alerts", "bad name!", "--url", collector.http_url)

@@ -19,6 +19,7 @@ from gradwatch.collector.detectors.base import (
     Finding,
     Observation,
 )
+from gradwatch.collector.detectors.runbook import hint
 from gradwatch.collector.metrics import IngestStats, MetricsCollector
 from gradwatch.collector.registry import (
     ActionAcked,
@@ -104,6 +105,40 @@ def test_merge_keeps_nonfinite_values_visible():
     assert obs.grad_norm == math.inf and math.isnan(obs.loss)
     assert all(math.isnan(v) for v in obs.layer_grad_norm)  # a negative square is shown as NaN
     assert obs.layer_update_ratio == (math.inf, 0.0)  # update on a zero weight
+
+
+@pytest.mark.parametrize(
+    "by_rank, sharded, frozen",
+    [
+        # the lowest rank's word holds, whatever the others say and however the run is laid out
+        ({0: [1], 1: [0, 1]}, True, {1}),
+        ({0: [1], 1: [0, 1]}, False, {1}),
+        ({0: [], 1: [0]}, True, set()),
+        ({0: None}, False, set()),  # a step without per-layer detail
+        ({0: [0, 2, 7]}, False, {0}),  # indices beyond the hello's layers are ignored
+    ],
+)
+def test_merge_reads_frozen_layers_from_the_lowest_rank(by_rank, sharded, frozen):
+    records = {r: record(5, layer_frozen=f) for r, f in by_rank.items()}
+    assert merge_step(5, records, sharded, tuple(LAYERS)).observation.layer_frozen == frozen
+
+
+def test_frozen_layers_are_shown_without_values_and_counted_per_run():
+    reg = registry()
+    reg.hello(hello(), 0.0)
+    detail = {"layer_grad_sq": [None, 4.0], "layer_weight_sq": [None, 4.0], "layer_update_sq": [None, 1.0]}
+    reg.steps("r", 0, Steps(records=[record(1, layer_frozen=[0], **detail), record(2)]), 1.0)
+    run = reg.runs["r"]
+    obs = run.latest_layer_detail
+    assert (obs.layer_grad_norm, obs.layer_weight_norm, obs.layer_update_ratio) == ((None, 2.0),) * 2 + ((None, 0.5),)
+    assert run.frozen_layers == ("a",)  # as of the last detail step: step 2 had none
+    assert all(not o.layer_frozen for o in run.history)  # per-layer detail stays out of the history
+    text = scrape(reg, 1.0)
+    assert 'gradwatch_run_frozen_layers{run="r"} 1.0' in text
+    assert not re.search(r'^gradwatch_layer_\w+\{layer="a"', text, re.MULTILINE)  # no series for a frozen layer
+    reg.steps("r", 0, Steps(records=[record(3, layer_frozen=[], layer_grad_sq=[1.0, 4.0])]), 2.0)
+    assert run.frozen_layers == ()
+    assert 'gradwatch_run_frozen_layers{run="r"} 0.0' in scrape(reg, 2.0)
 
 
 def test_ranks_merge_only_when_all_ranks_reported():
@@ -221,6 +256,32 @@ def test_detector_alerts_fire_once_and_resolve_once():
     events = reg.steps("r", 0, Steps(records=[record(i, loss=x) for i, x in enumerate(losses)]), 1.0)
     assert alerts(events) == [("r", "loss_spike", False, 1), ("r", "loss_spike", True, 4)]
     assert reg.runs["r"].alerts_total["loss_spike"] == 1
+
+
+def test_fired_alerts_say_what_to_try_and_resolutions_do_not():
+    reg = registry(heartbeat_timeout=10)
+    reg.hello(hello(), 0.0)
+    events = reg.steps("r", 0, Steps(records=[record(1, loss=20.0), record(2, loss=1.0)]), 1.0)
+    events += reg.tick(12.0)  # silent for longer than the heartbeat timeout: run_lost
+    events += reg.steps("r", 0, Steps(records=[record(3, loss=1.0)]), 13.0)
+    assert [(e.alert.kind, e.alert.resolved, e.alert.hint) for e in events if isinstance(e, AlertRaised)] == [
+        ("loss_spike", False, hint("loss_spike")),
+        ("loss_spike", True, ""),
+        ("run_lost", False, hint("run_lost")),
+        ("run_lost", True, ""),
+    ]
+
+
+def test_a_finding_that_knows_better_overrides_the_kind_hint():
+    class ClippedFlat(Detector):
+        kind = "not_learning"
+        Settings = DetectorSettings
+
+        def check(self, obs: Observation) -> list[Finding] | None:
+            return [Finding("loss has not moved", hint="Raise the clipping threshold.")]
+
+    [event] = ClippedFlat().observe(Observation(step=1))
+    assert event.hint == "Raise the clipping threshold."
 
 
 def test_ended_runs_are_evicted_oldest_first_running_ones_never():

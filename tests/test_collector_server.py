@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import sqlite3
 import ssl
 import subprocess
 import time
@@ -18,6 +19,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from gradwatch.collector.detectors.runbook import hint
+from gradwatch.collector.history import DB_NAME
 from gradwatch.collector.server import EmbeddedCollector
 from gradwatch.protocol import (
     CLOSE_INVALID_MESSAGE,
@@ -165,8 +168,9 @@ def test_ingest_to_metrics_runs_and_alerts(collector, open_probe):
     assert {k: alert[k] for k in ("run", "kind", "severity", "step", "layer", "event")} == {
         "run": "train-1", "kind": "nonfinite", "severity": "critical", "step": 6, "layer": None, "event": "fired"}
     assert alert["message"] and alert["time"] > 0 and alert["id"] == 1
+    assert alert["hint"] == hint("nonfinite")
     assert collector.get_json("/api/alerts?run=other") == []
-    assert "alert nonfinite fired: run train-1 step 6" in collector.logs()
+    assert f"alert nonfinite fired: run train-1 step 6: {alert['message']}; try: {alert['hint']}" in collector.logs()
 
 
 def test_sharded_ranks_sum_squared_norms(collector, open_probe):
@@ -250,6 +254,7 @@ def test_silent_run_is_lost_after_heartbeat_timeout(collector, open_probe):
     collector.wait_for(lambda: collector.get_json("/api/runs")[0]["status"] == "lost", what="run lost")
     [alert] = collector.get_json("/api/alerts?run=silent")
     assert (alert["kind"], alert["severity"], alert["event"]) == ("run_lost", "critical", "fired")
+    assert alert["hint"] == hint("run_lost")
     metrics = collector.metrics()
     assert series(metrics, "gradwatch_alert_active", run="silent", kind="run_lost", severity="critical") == 1
     assert series(metrics, "gradwatch_run_up", run="silent") == 0
@@ -265,6 +270,20 @@ def test_ended_run_series_disappear_after_grace(collector, open_probe):
     collector.wait_for(lambda: 'run="done"' not in collector.metrics(), what="series gone after grace")
     assert series(collector.metrics(), "gradwatch_collector_runs", status="finished") == 1
     assert collector.get_json("/api/runs")[0]["name"] == "done"  # still listed
+
+
+def test_frozen_layers_are_counted_in_runs_and_metrics(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "fine-tune")
+    frozen_embed = {"layer_grad_sq": [None, 1.0, 4.0], "layer_weight_sq": [None, 100.0, 100.0],
+                    "layer_update_sq": [None, 0.01, 0.01], "layer_frozen": [0]}
+    ws.send(steps(rec(1, **frozen_embed)))
+    run = collector.wait_for(lambda: next((r for r in collector.get_json("/api/runs") if r["last_step"] == 1), None),
+                             what="the step merged")
+    assert run["frozen_layers"] == 1
+    metrics = collector.metrics()
+    assert series(metrics, "gradwatch_run_frozen_layers", run="fine-tune") == 1
+    assert series(metrics, "gradwatch_layer_grad_norm", run="fine-tune", layer="embed") is None
+    assert series(metrics, "gradwatch_layer_grad_norm", run="fine-tune", layer="head") == 2.0
 
 
 def test_layer_cap(start_collector, open_probe):
@@ -287,6 +306,42 @@ def test_history_survives_kill_9_and_restart(collector, open_probe):
     assert collector.get_json("/api/alerts") == before
     [run] = collector.get_json("/api/runs")
     assert (run["name"], run["status"]) == ("durable", "lost")  # not known to be alive any more
+
+
+# The alert history as the first collectors wrote it, before alerts had a hint.
+OLD_HISTORY_SCHEMA = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, run TEXT NOT NULL, event TEXT NOT NULL,
+    kind TEXT NOT NULL, severity TEXT NOT NULL, step INTEGER, layer TEXT, message TEXT NOT NULL,
+    action TEXT, action_id TEXT, outcome TEXT, rank INTEGER
+);
+CREATE TABLE runs (
+    name TEXT PRIMARY KEY, status TEXT NOT NULL, started REAL NOT NULL, last_seen REAL NOT NULL,
+    last_step INTEGER NOT NULL, world_size INTEGER NOT NULL
+);
+INSERT INTO events (time, run, event, kind, severity, step, message)
+    VALUES (1.0, 'old', 'fired', 'plateau', 'warning', 500, 'loss has not improved');
+INSERT INTO runs VALUES ('old', 'finished', 0.5, 2.0, 900, 1);
+"""
+
+
+def test_an_older_history_without_hints_opens_and_keeps_its_rows(start_collector, open_probe, tmp_path):
+    data = tmp_path / "old-data"
+    data.mkdir()
+    with sqlite3.connect(data / DB_NAME) as db:
+        db.executescript(OLD_HISTORY_SCHEMA)
+    collector = start_collector(args=["--data", str(data)])
+    [old] = collector.get_json("/api/alerts")
+    assert (old["run"], old["kind"], old["step"], old["message"], old["hint"]) == (
+        "old", "plateau", 500, "loss has not improved", "")
+    assert collector.get_json("/api/runs")[0]["last_step"] == 900
+    ws, _ = open_probe(collector.ws_url, "new")
+    ws.send(steps(rec(1, nonfinite_layers=1)))
+    new = collector.wait_for(lambda: collector.get_json("/api/alerts?run=new"), what="the new alert")
+    assert [(a["kind"], a["hint"]) for a in new] == [("nonfinite", hint("nonfinite"))]
+    collector.kill()  # a migrated history opens again as it is
+    collector.start()
+    assert [a["hint"] for a in collector.get_json("/api/alerts")] == ["", hint("nonfinite")]
 
 
 POLICY = """

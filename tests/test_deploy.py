@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from gradwatch.collector.detectors.runbook import REPOSITORY_URL, runbook, runbook_url
 from gradwatch.dashboards import k8s
 from gradwatch.dashboards.cli import dashboard_files
 from gradwatch.protocol import ALERT_KINDS
 from gradwatch.stack import alertmanager_config, prometheus_config
+from tests.test_runbook import doc_sections
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -93,6 +95,23 @@ def test_every_rule_is_described_and_has_a_severity() -> None:
         assert {"summary", "description"} <= set(rule["annotations"]), name
         from_series = "gradwatch_alert_active" in rule["expr"]
         assert from_series or rule["labels"]["severity"] in ("info", "warning", "critical"), name
+
+
+def test_every_rule_links_its_runbook_and_says_what_to_try() -> None:
+    """Each rule's runbook_url finds a section of the repository's docs; a detector kind's
+    rule carries the same title, hint and link as the collector's own alert."""
+    docs = f"{REPOSITORY_URL}/blob/main/"
+    for name, rule in rules_by_name().items():
+        url = rule["annotations"]["runbook_url"]
+        assert url.startswith(docs) and "#" in url, name
+        path, anchor = url.removeprefix(docs).split("#", 1)
+        assert anchor in doc_sections(ROOT / path), f"{name}: {path} has no heading for #{anchor}"
+        if match := re.fullmatch(r'gradwatch_alert_active\{kind="(\w+)"\} == 1', rule["expr"]):
+            kind = match.group(1)
+            assert name == "Gradwatch" + "".join(word.capitalize() for word in kind.split("_"))
+            assert rule["annotations"]["summary"] == f"Run {{{{ $labels.run }}}}: {runbook(kind).title} ({kind})"
+            assert runbook(kind).hint in " ".join(rule["annotations"]["description"].split()), name
+            assert url == runbook_url(kind)
 
 
 def test_prometheus_only_rules_are_unit_tested() -> None:

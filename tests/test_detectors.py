@@ -8,6 +8,7 @@ Fire windows are [onset, onset + the latency documented in docs/detectors.md].
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -31,6 +32,7 @@ from gradwatch.protocol import ALERT_KINDS
 from tests.detector_traces import (
     NAN,
     LayerDetail,
+    frozen_from,
     grad_scaler,
     hard_example_losses,
     healthy_layers,
@@ -141,11 +143,11 @@ def fine_tune(every: int = 10) -> Callable[[], list[Observation]]:
 
 
 def frozen_then_unfrozen() -> list[Observation]:
-    """Only the head trains for 300 steps (the probe leaves frozen parameters out), then the
-    backbone joins: new layers appear, the gradient norm grows, the loss drops faster."""
+    """Only the head trains for 300 steps (the backbone is reported frozen: no gradient, no
+    update), then the backbone joins: the gradient norm grows, the loss drops faster."""
     steps = 1000
-    head = healthy_layers(["head.weight", "head.bias"], seed=20)
     full = healthy_layers(mlp_names(4) + ["head.weight", "head.bias"], seed=21, update=2e-3)
+    head = frozen_from(full, mlp_names(4), 0)
     loss = [
         (0.8 + 0.7 * math.exp(-t / 1000) if t < 300 else 0.3 + 0.9 * math.exp(-(t - 300) / 250)) * n
         for t, n in enumerate(lognormal_noise(steps, 1.0, 0.05, seed=22))
@@ -353,6 +355,20 @@ def update_ratio(
     return build
 
 
+def dead_then_frozen() -> list[Observation]:
+    """1.weight gets no gradient from 300, and the user freezes it at 600."""
+    steps = 900
+    dead = with_layer(healthy_layers(mlp_names(4), seed=36), "1.weight", 300, grad=None, update=0.0)
+    return make_trace(base_loss(steps), grad_norm=base_grad(steps), detail=frozen_from(dead, ["1.weight"], 600))
+
+
+def too_fast_then_frozen() -> list[Observation]:
+    """2.weight rewrites half of itself per step from 600, and the user freezes it at 900."""
+    steps = 1200
+    fast = with_layer(healthy_layers(mlp_names(4), seed=42), "2.weight", 600, update=0.5)
+    return make_trace(base_loss(steps), grad_norm=base_grad(steps), detail=frozen_from(fast, ["2.weight"], 900))
+
+
 PATHOLOGIES = [
     Case("NaN loss and gradients from step 600 on", lambda: nan_from(600), (Episode("nonfinite", (600, 600)),)),
     Case("three NaN losses, then healthy again", nan_burst_then_healthy,
@@ -401,6 +417,10 @@ PATHOLOGIES = [
          (Episode("update_ratio", (600, 649), (900, 949), layer="2.weight"),)),
     Case("a layer the optimizer does not update", update_ratio("0.weight", 0.0, 0),
          (Episode("update_ratio", (100, 149), layer="0.weight"),)),
+    Case("a dead layer that is then frozen: resolved at the freeze", dead_then_frozen,
+         (Episode("dead_layer", (300, 350), (600, 600), layer="1.weight"),)),
+    Case("a too-large update ratio, then the layer is frozen: resolved at the freeze", too_fast_then_frozen,
+         (Episode("update_ratio", (600, 649), (900, 900), layer="2.weight"),)),
 ]
 
 
@@ -426,7 +446,7 @@ def test_pathology_fires_right_kind_within_latency_once(case: Case) -> None:
 def test_fired_alerts_carry_kind_severity_and_layer() -> None:
     events = run(exploding_growth()) + run(dead_layer(10, None, 403)())
     severity = {e.kind: e.severity for e in events}
-    assert severity == {"exploding_gradients": "critical", "nonfinite": "critical", "dead_layer": "warning"}
+    assert severity == {"exploding_gradients": "warning", "nonfinite": "critical", "dead_layer": "warning"}
     assert [e.layer for e in events if e.kind == "dead_layer"] == ["1.weight"]
     assert all(e.message for e in events)
 
@@ -446,6 +466,51 @@ def test_nan_loss_does_not_poison_spike_or_plateau_windows() -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Frozen layers (reported in `layer_frozen`) are never judged by a per-layer rule. Each
+# trace raises the `unflagged` kind if the same values come without the frozen flag.
+
+
+def frozen_layer(
+    name: str, since: int, grad: float | None, update: float | None, every: int = 10
+) -> Callable[[], list[Observation]]:
+    def build() -> list[Observation]:
+        steps = 900
+        detail = with_layer(healthy_layers(mlp_names(4), seed=43), name, since, grad=grad, update=update, frozen=True)
+        return make_trace(base_loss(steps), grad_norm=base_grad(steps), detail=detail, every=every)
+
+    return build
+
+
+def frozen_input_side() -> list[Observation]:
+    """The first two layers are frozen and still carry a tiny gradient (values a probe
+    reported anyway): the input side of the vanishing rule is the first layers that train."""
+    steps = 900
+    detail = healthy_layers(mlp_names(10), seed=44)
+    for name in mlp_names(1):
+        detail = with_layer(detail, name, 0, grad=1e-9, update=0.0, frozen=True)
+    return make_trace(base_loss(steps), grad_norm=base_grad(steps), detail=detail)
+
+
+FROZEN = [
+    ("a layer frozen after attach, every=10", frozen_layer("1.weight", 403, None, None), "dead_layer"),
+    ("a layer frozen after attach, every=1", frozen_layer("1.weight", 403, None, None, every=1), "dead_layer"),
+    ("a frozen layer with a zero gradient", frozen_layer("1.weight", 200, 0.0, 0.0), "dead_layer"),
+    ("a frozen layer with a stale gradient and no update", frozen_layer("2.weight", 0, 0.3, 0.0), "update_ratio"),
+    ("a frozen layer with a stale update ratio of 0.5", frozen_layer("2.weight", 0, 0.3, 0.5), "update_ratio"),
+    ("frozen input-side layers with a tiny gradient", frozen_input_side, "vanishing_gradients"),
+]
+
+
+@pytest.mark.parametrize("build, unflagged", [c[1:] for c in FROZEN], ids=[c[0] for c in FROZEN])
+def test_frozen_layers_are_never_judged(build: Callable[[], list[Observation]], unflagged: str) -> None:
+    trace = build()
+    events = run(trace)
+    assert events == [], "\n".join(describe(events))
+    without_flag = run([dataclasses.replace(obs, layer_frozen=frozenset()) for obs in trace])
+    assert unflagged in {e.kind for e in without_flag}, "\n".join(describe(without_flag))
+
+
+# ---------------------------------------------------------------------------------------
 # Whatever comes in: no crash, and per alert key strictly fire, resolve, fire, ...
 
 _SPECIAL = (None, 0.0, NAN, math.inf, -math.inf)
@@ -454,7 +519,7 @@ _SPECIAL = (None, 0.0, NAN, math.inf, -math.inf)
 @st.composite
 def observations(draw: st.DrawFn) -> list[Observation]:
     """Anything at all: None, NaN, infinities, negatives, per-layer tuples with holes (the
-    collector pads a short per-layer vector with None)."""
+    collector pads a short per-layer vector with None), layers frozen and unfrozen."""
     rng = random.Random(draw(st.integers(0, 2**32)))
 
     def value() -> float | None:
@@ -480,6 +545,8 @@ def observations(draw: st.DrawFn) -> list[Observation]:
                 layer_grad_norm=tuple(value() for _ in names) if detail else None,
                 layer_weight_norm=tuple(value() for _ in names) if detail else None,  # type: ignore[misc]
                 layer_update_ratio=tuple(value() for _ in names) if detail else None,  # type: ignore[misc]
+                # an index past the layers included: detectors must not trust it
+                layer_frozen=frozenset(rng.sample(range(len(names) + 1), rng.randint(0, 2))),
             )
         )
     return trace

@@ -6,13 +6,15 @@ from __future__ import annotations
 import copy
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 import gradwatch
-from gradwatch.probe.layers import clean_name, layer_of
+from gradwatch.probe.layers import LayerMap, clean_name, layer_of
+from gradwatch.probe.measure import Measurer
 from tests.probe_helpers import (
     TinyNet,
     assert_close,
@@ -248,7 +250,7 @@ def test_two_param_groups_report_their_own_learning_rates(spool: Path) -> None:
     assert records[1].lr == [0.05, 0.005]
 
 
-def test_frozen_layers_are_left_out_and_missing_grads_reported(spool: Path) -> None:
+def test_frozen_layers_are_named_but_not_measured_and_missing_grads_reported(spool: Path) -> None:
     model = TinyNet()
     model.inp.requires_grad_(False)
     extra = torch.nn.Linear(3, 3)  # trainable but never used: its grad stays None
@@ -261,10 +263,141 @@ def test_frozen_layers_are_left_out_and_missing_grads_reported(spool: Path) -> N
         opt.step()
     run.detach()
     hello, records, _ = read_spool(spool)
-    assert not any(name.startswith("inp.") for name in hello.layers)
+    frozen = [i for i, name in enumerate(hello.layers) if name.startswith("inp.")]
     unused = [i for i, name in enumerate(hello.layers) if name.startswith("unused.")]
-    assert unused and all(records[0].layer_grad_sq[i] is None for i in unused)
-    assert all(records[0].layer_grad_sq[i] is not None for i in range(len(hello.layers)) if i not in unused)
+    assert frozen and unused
+    for record in records:
+        assert record.layer_frozen == frozen  # no gradient by design, not a dead layer
+        for i in frozen:
+            assert (record.layer_grad_sq[i], record.layer_weight_sq[i], record.layer_update_sq[i]) == (None,) * 3
+        assert all(record.layer_grad_sq[i] is None for i in unused)  # trainable, got no gradient
+        measured = [i for i in range(len(hello.layers)) if i not in frozen + unused]
+        assert all(record.layer_grad_sq[i] is not None for i in measured)
+        assert all(record.layer_weight_sq[i] is not None for i in unused)
+
+
+@dataclass(frozen=True)
+class Freezing:
+    name: str
+    every: int
+    toggles: dict[int, tuple[str, bool]]  # before step i (0-based): module.requires_grad_(flag)
+    at_attach: tuple[str, ...] = ()  # modules frozen before attach
+    optimizer: bool = True
+
+
+FREEZING = [
+    Freezing("frozen after attach, before a plain step", 2, {3: ("hidden", False)}),
+    Freezing("frozen at attach, unfrozen before a detail step", 2, {2: ("inp", True)}, ("inp",)),
+    Freezing("frozen at attach, unfrozen before a plain step", 2, {3: ("inp", True)}, ("inp",)),
+    Freezing("frozen and unfrozen again, detail every step", 1, {2: ("out", False), 5: ("out", True)}),
+    Freezing("without an optimizer", 2, {2: ("inp", True), 5: ("hidden", False)}, ("inp",), optimizer=False),
+]
+
+
+@pytest.mark.parametrize("case", FREEZING, ids=[c.name for c in FREEZING])
+def test_freezing_after_attach_is_noticed_on_the_next_detail_step(spool: Path, case: Freezing) -> None:
+    """On a detail step the frozen layers are listed and not measured, the others are
+    measured exactly; between detail steps the set of the last detail step holds."""
+    model = TinyNet()
+    for module in case.at_attach:
+        getattr(model, module).requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if case.optimizer else None
+    run = attach(model, opt, spool, every=case.every)
+    steps = []  # per step: the trainable parameter names and the reference squared grads
+    for i, (x, y) in enumerate(batches(8)):
+        if i in case.toggles:
+            module, flag = case.toggles[i]
+            getattr(model, module).requires_grad_(flag)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        steps.append(({n for n, p in model.named_parameters() if p.requires_grad},
+                      ref_layer_sq({n: p.grad for n, p in model.named_parameters()})))
+        if opt is not None:
+            opt.step()
+        else:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-0.05)
+    run.detach()
+    hello, records, _ = read_spool(spool)
+    assert hello.layers == [n for n, _ in model.named_parameters()]  # frozen ones named too
+    assert len(records) == len(steps)
+    measured: set[str] = set()
+    for i, (record, (trainable, grads)) in enumerate(zip(records, steps)):
+        if i % case.every == 0:
+            measured = trainable
+            assert [hello.layers[j] for j in record.layer_frozen] == [n for n in hello.layers if n not in trainable]
+            for j, name in enumerate(hello.layers):
+                if name in trainable:
+                    assert_close(record.layer_grad_sq[j], grads[name])
+                    assert record.layer_weight_sq[j] is not None
+                else:
+                    assert (record.layer_grad_sq[j], record.layer_weight_sq[j]) == (None, None)
+                    assert record.layer_update_sq is None or record.layer_update_sq[j] is None
+        else:
+            assert record.layer_frozen is None and record.layer_grad_sq is None
+        assert_close(record.grad_norm_sq, sum(grads[n] for n in measured if grads[n] is not None))
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_freezing_and_unfreezing_never_change_the_math(every: int) -> None:
+    torch.manual_seed(2)
+    base = TinyNet()
+    data = batches(12)
+    toggles = {3: ("hidden", False), 5: ("inp", False), 8: ("hidden", True), 10: ("inp", True)}
+
+    def trained(run_probe: bool) -> list[torch.Tensor]:
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        run = gradwatch.attach(model, opt, url="ws://127.0.0.1:9", every=every) if run_probe else None
+
+        def toggle(step: int) -> None:
+            if step in toggles:
+                module, flag = toggles[step]
+                getattr(model, module).requires_grad_(flag)
+
+        weights = train(model, opt, data, run, on_step=toggle)
+        if run is not None:
+            run.detach()
+            assert run.step == len(data)
+        return weights
+
+    for a, b in zip(trained(False), trained(True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", [True, False])
+def test_requires_grad_is_reread_on_detail_steps_only(spool: Path, monkeypatch, optimizer: bool) -> None:
+    """The re-read is a host-side pass over the flags once per detail step; the measured
+    groups (and their device-side indices) are rebuilt only when the flags changed, never
+    for a gradient that is missing on some steps."""
+    reads, regroups = [], []
+    refresh, regroup = LayerMap.refresh, Measurer._regroup
+    monkeypatch.setattr(LayerMap, "refresh", lambda self: reads.append(1) or refresh(self))
+    monkeypatch.setattr(Measurer, "_regroup", lambda self: regroups.append(1) or regroup(self))
+    model = TinyNet()
+    model.unused = torch.nn.Linear(3, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05) if optimizer else None
+    run = attach(model, opt, spool, every=3)
+    assert (len(reads), len(regroups)) == (1, 1)  # at attach
+    counts = []
+    for i, (x, y) in enumerate(batches(9)):
+        if i == 4:
+            model.hidden.requires_grad_(False)
+        model.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if i % 2:  # a gradient present on some steps only: no new index, no regroup
+            loss = loss + model.unused(x[:, :3]).sum()
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        counts.append((len(reads) - 1, len(regroups) - 1))
+    run.detach()
+    # detail steps are the 1st, 4th and 7th; the freeze before the 5th shows at the 7th
+    assert counts == [(1, 0), (1, 0), (1, 0), (2, 0), (2, 0), (2, 0), (3, 1), (3, 1), (3, 1)]
+    _, records, _ = read_spool(spool)
+    assert records[6].layer_frozen == [2, 3]
 
 
 def test_compiled_model_keeps_working_and_is_measured(spool: Path) -> None:

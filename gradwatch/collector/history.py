@@ -45,6 +45,13 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+# Columns of `events` added after the first release, added where missing: to a fresh
+# database right after _SCHEMA and to the history of an older collector alike, whose rows
+# then read as the default.
+_ADDED_COLUMNS = {
+    "hint": "TEXT NOT NULL DEFAULT ''",
+}
+
 
 class HistoryError(RuntimeError):
     """The data directory cannot be used; the message says which and why."""
@@ -63,6 +70,7 @@ class HistoryEntry:
     layer: str | None
     message: str
     time: float
+    hint: str = ""  # what to try; only fired alerts have one
     action: str | None = None
     action_id: str | None = None
     outcome: str | None = None
@@ -95,9 +103,16 @@ class History:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._db.execute("PRAGMA quick_check").fetchone()
         except (OSError, sqlite3.Error) as err:
             raise HistoryError(f"cannot use data directory {data_dir}: {_explain(err)}") from None
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        for column, definition in _ADDED_COLUMNS.items():
+            if column not in present:
+                self._db.execute(f"ALTER TABLE events ADD COLUMN {column} {definition}")
 
     def record(self, entry: HistoryEntry) -> HistoryEntry:
         values = [getattr(entry, c) for c in _COLUMNS]

@@ -133,6 +133,8 @@ class MetricsCollector(Collector):
             "scalar": _gauge("gradwatch_scalar", "last value of each scalar logged with run.log", ["run", "name"]),
             "l_dropped": _gauge("gradwatch_layers_dropped", "layers beyond the per-run layer cap, not exported",
                                 ["run"]),
+            "frozen": _gauge("gradwatch_run_frozen_layers",
+                             "layers frozen (no parameter requires a gradient) at the last per-layer detail", ["run"]),
             "alert": _gauge("gradwatch_alert_active", "1 while an alert of this kind and severity is active",
                             ["run", "kind", "severity"]),
             "alerts": _counter("gradwatch_alerts_total", "alerts fired", ["run", "kind"]),
@@ -174,6 +176,7 @@ class MetricsCollector(Collector):
             f["actions"].add_metric([name, action, outcome], count)
         layers = run.layers
         f["l_dropped"].add_metric([name], max(0, len(layers) - cap))
+        f["frozen"].add_metric([name], len(run.frozen_layers))
 
         latest = run.latest
         if latest.time is None:

@@ -84,11 +84,19 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
 
 
 def _alerts_table(entries: list[dict[str, Any]]) -> str:
-    return format_table(
+    """The table, with what to try on an indented line under each alert that fired (an older
+    collector's entries have no hint)."""
+    header, *rows = format_table(
         ["TIME", "RUN", "EVENT", "KIND", "SEVERITY", "STEP", "LAYER", "MESSAGE"],
         [[format_time(e["time"]), e["run"], e["event"], e["kind"], e["severity"], e["step"], e["layer"],
           e["message"]] for e in entries],
-    )
+    ).splitlines()
+    lines = [header]
+    for entry, row in zip(entries, rows):
+        lines.append(row)
+        if entry.get("hint"):
+            lines.append(f"    try: {entry['hint']}")
+    return "\n".join(lines)
 
 
 def _query(args: argparse.Namespace, path: str, params: dict[str, str], table: Any) -> int:

@@ -9,7 +9,8 @@ Merging ranks: a step is merged once every rank that is still reporting has reac
 straggler's late record for a merged step is then ignored). A rank lost (silent for
 `heartbeat_timeout`) or finished no longer holds merging back. With
 `hello.sharded`, squared norms are partial and summed over ranks; otherwise every rank saw
-the same gradients and they are read from the lowest rank.
+the same gradients and they are read from the lowest rank. Which layers are frozen is read
+from the lowest rank either way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     Severity,
 )
+from gradwatch.collector.detectors.runbook import hint
 from gradwatch.protocol import (
     CLOSE_POLICY,
     Ack,
@@ -212,6 +214,12 @@ class Run:
     @property
     def highest_step(self) -> int:
         return max((r.max_step for r in self.ranks.values()), default=-1)
+
+    @property
+    def frozen_layers(self) -> tuple[str, ...]:
+        """The layers frozen as of the run's last per-layer detail, in hello order."""
+        detail = self.latest_layer_detail
+        return tuple(self.layers[i] for i in sorted(detail.layer_frozen)) if detail is not None else ()
 
     def steps_per_second(self) -> float | None:
         recent = list(self.history)[-RATE_WINDOW:]
@@ -426,9 +434,9 @@ class Registry:
             return []
         step = max(run.last_merged_step, 0)
         if active:
-            event = AlertEvent(kind, severity, step, message)
+            event = AlertEvent(kind, severity, step, message, hint=hint(kind))
         else:
-            message = f"resolved: {run.active_alerts[(kind, key)].message}"
+            message = f"reporting again at step {step}"
             event = AlertEvent(kind, severity, step, message, resolved=True)
         return self._record_alert(run, event, key)
 
@@ -474,7 +482,7 @@ class Registry:
         if obs.layer_grad_norm is not None:
             run.latest_layer_detail = obs
             obs_for_history = dataclasses.replace(
-                obs, layer_grad_norm=None, layer_weight_norm=None, layer_update_ratio=None
+                obs, layer_grad_norm=None, layer_weight_norm=None, layer_update_ratio=None, layer_frozen=frozenset()
             )
         else:
             obs_for_history = obs
@@ -533,6 +541,8 @@ def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, laye
         layer_grad_norm=_layer_roots(layer_grad_sq, n_layers),
         layer_weight_norm=layer_weight_norm,
         layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, layer_weight_norm, n_layers),
+        # frozen is a fact of the model, not a partial value: the lowest rank's word holds
+        layer_frozen=frozenset(i for i in first.layer_frozen if i < n_layers) if first.layer_frozen else frozenset(),
     )
     return MergedStep(observation, tuple(first.momentum), tuple(first.weight_decay))
 

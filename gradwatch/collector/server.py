@@ -405,13 +405,14 @@ class CollectorServer:
         state = "resolved" if alert.resolved else "fired"
         entry = HistoryEntry(
             run=event.run, event=state, kind=alert.kind, severity=alert.severity, step=alert.step,
-            layer=alert.layer, message=alert.message, time=self.clock(),
+            layer=alert.layer, message=alert.message, time=self.clock(), hint=alert.hint,
         )
         self._store(lambda h: h.record(entry), "an alert")
         where = f" layer {alert.layer}" if alert.layer else ""
         level = logging.INFO if alert.resolved or alert.severity == "info" else logging.WARNING
-        log.log(level, "alert %s %s: run %s step %d%s: %s", alert.kind, state, event.run, alert.step, where,
-                alert.message)
+        hint = f"; try: {alert.hint}" if alert.hint else ""
+        log.log(level, "alert %s %s: run %s step %d%s: %s%s", alert.kind, state, event.run, alert.step, where,
+                alert.message, hint)
 
     async def _send_action(self, event: ActionIssued) -> None:
         action = event.action
@@ -515,7 +516,7 @@ class CollectorServer:
         runs = [_run_json(r) for r in self.previous_runs.values() if r.name not in self.registry.runs]
         runs += [
             {**_run_json(self._run_record(r)), "ranks": r.ranks_reporting, "tags": r.hello.tags,
-             "sharded": r.hello.sharded, "actions": r.hello.actions}
+             "sharded": r.hello.sharded, "actions": r.hello.actions, "frozen_layers": len(r.frozen_layers)}
             for r in self.registry.runs.values()
         ]
         runs.sort(key=lambda r: r["started"])

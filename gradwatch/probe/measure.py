@@ -6,16 +6,18 @@ Each optimizer step fills one packed float vector on the model's device:
 
 Squared norms per layer come from one ``torch._foreach_norm`` per (device, dtype) group
 followed by an ``index_add_`` into the layer slots; nothing leaves the device here. The
-background thread later reads the whole vector at once (see ``handoff``).
+background thread later reads the whole vector at once (see ``handoff``). Only trainable
+tensors are measured: the slots of frozen layers stay zero.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from gradwatch.probe.layers import LayerMap, TensorGroup
+from gradwatch.probe.layers import LayerMap
 
 EXTRAS = ("loss", "loss_scale", "preclip_norm", "found_inf")
 
@@ -49,9 +51,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
-def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     # Reduced-precision tensors accumulate in fp32; fp64 keeps its own precision.
-    return None if dtype == torch.float64 else torch.float32
+    return dtype if dtype == torch.float64 else torch.float32
 
 
 def _vector_dtype(device: torch.device) -> torch.dtype:
@@ -69,35 +71,44 @@ class Measurer:
         self.home = home
         self.dtype = _vector_dtype(home)
         self._snapshot: list[list[torch.Tensor]] | None = None
-        # (group, positions without a gradient) -> layer of each measured tensor, on the
-        # home device for index_add_; built once per pattern, the full one up front.
-        self._index_cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {
-            (gi, ()): torch.tensor(group.layer_ids, dtype=torch.long, device=home)
-            for gi, group in enumerate(layer_map.groups)
-        }
+        self._indices: list[torch.Tensor] = []
+        self._zeros: list[torch.Tensor] = []
+        self._regroup()
+
+    def refresh(self) -> bool:
+        """Re-reads which parameters train (host-side) and, when that changed, measures the
+        new set from now on. Call it before `snapshot`, never between it and the update."""
+        if not self.layer_map.refresh():
+            return False
+        self._regroup()
+        return True
+
+    def _regroup(self) -> None:
+        groups = self.layer_map.groups
+        # Built once per set of trainable tensors, so no step copies an index to the device:
+        # per group the layer of each tensor, and a zero that stands in for a missing gradient.
+        self._indices = [torch.tensor(g.layer_ids, dtype=torch.long, device=self.home) for g in groups]
+        self._zeros = [torch.zeros((), dtype=_norm_dtype(g.dtype), device=g.device) for g in groups]
+        self._snapshot = None  # reallocated for the new groups on the next detail step
 
     def new_vector(self) -> torch.Tensor:
         return torch.zeros(self.layout.length, dtype=self.dtype, device=self.home)
 
     def _add_norms(
-        self, out: torch.Tensor, group_index: int, group: TensorGroup, tensors: list[torch.Tensor], missing: tuple[int, ...]
+        self, out: torch.Tensor, group_index: int, tensors: Sequence[torch.Tensor | None], missing: int = 0
     ) -> None:
-        if not tensors:
+        """Adds the squared norms of `tensors` (aligned with the group's params; `missing`
+        of them are None and add nothing) into their layers' slots of `out`."""
+        present = [t for t in tensors if t is not None] if missing else tensors
+        if not present:
             return
-        norms = torch._foreach_norm(tensors, 2, dtype=_norm_dtype(group.dtype))
+        zero = self._zeros[group_index]  # of the group's norm dtype
+        norms = torch._foreach_norm(present, 2, dtype=zero.dtype)
+        if missing:
+            computed = iter(norms)
+            norms = [zero if t is None else next(computed) for t in tensors]
         squares = torch.stack(norms).to(self.dtype).square()
-        out.index_add_(0, self._layer_index(group_index, group, missing), squares.to(self.home, non_blocking=True))
-
-    def _layer_index(self, group_index: int, group: TensorGroup, missing: tuple[int, ...]) -> torch.Tensor:
-        key = (group_index, missing)
-        index = self._index_cache.get(key)
-        if index is None:
-            skip = set(missing)
-            ids = [layer for i, layer in enumerate(group.layer_ids) if i not in skip]
-            index = torch.tensor(ids, dtype=torch.long, device=self.home)
-            if len(self._index_cache) < 64:
-                self._index_cache[key] = index
-        return index
+        out.index_add_(0, self._indices[group_index], squares.to(self.home, non_blocking=True))
 
     @torch.no_grad()
     def grads(self, vec: torch.Tensor, grads: list[torch.Tensor | None] | None = None) -> set[int]:
@@ -113,21 +124,23 @@ class Measurer:
             n = len(group.params)
             chosen = grads[offset : offset + n] if grads is not None else [p.grad for p in group.params]
             offset += n
-            tensors = []
-            missing = []
-            for i, g in enumerate(chosen):
+            tensors: list[torch.Tensor | None] = []
+            missing = 0
+            for g, layer in zip(chosen, group.layer_ids):
                 if g is None:
-                    missing.append(i)
+                    tensors.append(None)
+                    missing += 1
                 else:
                     tensors.append(_local(g))
-                    present.add(group.layer_ids[i])
-            self._add_norms(out, gi, group, tensors, tuple(missing))
+                    present.add(layer)
+            self._add_norms(out, gi, tensors, missing)
         return present
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copies the weights before the update so that ||Δw|| can be measured after it.
-        The buffers are allocated once, on the first step that reports per-layer detail."""
+        The buffers are allocated on the first step that reports per-layer detail after
+        the set of trainable tensors changed (frozen tensors get none)."""
         if self._snapshot is None:
             self._snapshot = [[torch.empty_like(_local(p)) for p in g.params] for g in self.layer_map.groups]
         for buffers, group in zip(self._snapshot, self.layer_map.groups):
@@ -140,11 +153,11 @@ class Measurer:
         update_out = vec[self.layout.update()]
         for gi, group in enumerate(self.layer_map.groups):
             params = [_local(p) for p in group.params]
-            self._add_norms(weight_out, gi, group, params, ())
+            self._add_norms(weight_out, gi, params)
             if with_updates and self._snapshot is not None:
                 # In place: the snapshot becomes w_before - w_after, whose norm is ||Δw||.
                 torch._foreach_sub_(self._snapshot[gi], params)
-                self._add_norms(update_out, gi, group, self._snapshot[gi], ())
+                self._add_norms(update_out, gi, self._snapshot[gi])
 
     def set_extra(self, vec: torch.Tensor, name: str, value: torch.Tensor | float) -> None:
         i = self.layout.extra(name)

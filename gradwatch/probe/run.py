@@ -9,7 +9,10 @@ Where the measurements are taken (the gradients the optimizer actually sees):
   measured here, after the closure ran;
 - GradScaler.update: a step whose optimizer.step was skipped for an overflow fires no
   optimizer hook, so the skip is recorded there;
-- without an optimizer, a multi-gradient hook records every backward.
+- without an optimizer, a multi-gradient hook records every backward;
+- frozen layers: on detail steps, before measuring, ``requires_grad`` is re-read (host-side
+  flags, no device access) so that a layer frozen or unfrozen after attach is measured
+  from then on or reported frozen (in between, the set of the last detail step holds).
 
 All hooks are wrapped so that an internal error disables the probe, never training,
 and ``torch.compiler.disable`` keeps them out of compiled graphs.
@@ -29,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import torch
 
@@ -74,6 +77,7 @@ class _StepMeta:
     detail: bool
     with_updates: bool
     present: set[int]  # ids of the layers that had a gradient
+    frozen: tuple[int, ...] = ()  # ids of the frozen layers, on detail steps
     grads_after_step: bool = False  # a closure (LBFGS) computes them inside step
     skipped: bool = False
     has_loss: bool = False
@@ -229,12 +233,14 @@ class Run:
             max_records=buffer,
         )
         self._handles: list[Any] = []
+        self._grad_hook: Any = None  # the gradient hook of a run without an optimizer
         self._install_hooks(loss_fn)
         clip.subscribe(self)
         atexit.register(self.detach)
         log.info(
-            "gradwatch: watching %d tensors in %d layers of run %r (rank %d/%d) -> %s",
-            len(self._layers.param_names), len(self._layers), self.name, self.rank, self.world_size, self.url,
+            "gradwatch: watching %d tensors in %d layers (%d frozen) of run %r (rank %d/%d) -> %s",
+            len(self._layers.param_names), len(self._layers), len(self._layers.frozen), self.name, self.rank,
+            self.world_size, self.url,
         )
 
     # ---- public API -------------------------------------------------------------------
@@ -258,9 +264,11 @@ class Run:
             if self._detached:
                 return
             self._detached = True
-        for handle in self._handles:
-            handle.remove()
+        for handle in [*self._handles, self._grad_hook]:
+            if handle is not None:
+                handle.remove()
         self._handles.clear()
+        self._grad_hook = None
         self._actions.uninstall()
         if self.scaler is not None and "update" in vars(self.scaler):
             del self.scaler.update
@@ -296,10 +304,8 @@ class Run:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
             self._actions.install(self.optimizer)
-        elif self._layers.params:
-            self._handles.append(
-                torch.autograd.graph.register_multi_grad_hook(self._layers.params, self._on_backward, mode="all")
-            )
+        else:
+            self._hook_grads()
         if self.scaler is not None:
             original_update = self.scaler.update
 
@@ -308,6 +314,17 @@ class Run:
                 return original_update(*args, **kwargs)
 
             self.scaler.update = update
+
+    def _hook_grads(self) -> None:
+        """Without an optimizer: one hook over the measured tensors (a frozen tensor cannot
+        take one), so it is placed again whenever they change."""
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        if self._layers.params:
+            self._grad_hook = torch.autograd.graph.register_multi_grad_hook(
+                self._layers.params, self._on_backward, mode="all"
+            )
 
     def _contributes(self, p: torch.Tensor) -> bool:
         # Sharded runs sum partial squares over ranks: a tensor replicated on every rank
@@ -322,6 +339,8 @@ class Run:
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled() or not self.model.training:
             return
+        if self.optimizer is None and self._detail_next() and self._measure.refresh():
+            self._hook_grads()  # before the backward, whose gradients the hook passes
         loss = _loss_of(output)
         if loss is not None and len(self._losses) < 1024:
             self._losses.append(loss.detach())
@@ -329,7 +348,9 @@ class Run:
     @_hook
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._actions.scale_lr(optimizer)
-        detail = self.step % self.every == 0
+        detail = self._detail_next()
+        if detail:
+            self._measure.refresh()  # before the snapshot: it follows the measured tensors
         with_updates = detail and self._update_ratio
         vec = self._measure.new_vector()
         meta = self._new_meta(detail, with_updates)
@@ -379,8 +400,9 @@ class Run:
 
     @_hook
     def _on_backward(self, grads: Any) -> None:
-        # No optimizer: every backward is one record (per-backward gradients).
-        detail = self.step % self.every == 0
+        # No optimizer: every backward is one record (per-backward gradients); which
+        # tensors train was re-read at the forward (see _on_forward).
+        detail = self._detail_next()
         vec = self._measure.new_vector()
         meta = self._new_meta(detail, with_updates=False)
         meta.present = self._measure.grads(vec, list(grads))
@@ -389,6 +411,10 @@ class Run:
         self._emit(vec, meta)
 
     # ---- building a record --------------------------------------------------------------
+
+    def _detail_next(self) -> bool:
+        """Whether the next record carries per-layer detail."""
+        return self.step % self.every == 0
 
     def _new_meta(self, detail: bool, with_updates: bool) -> _StepMeta:
         now = time.perf_counter()
@@ -399,6 +425,7 @@ class Run:
             detail=detail,
             with_updates=with_updates,
             present=set(),
+            frozen=self._layers.frozen if detail else (),
         )
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
@@ -443,6 +470,8 @@ class Run:
         layout = self._measure.layout
         grad_sq = values[layout.grad()]
         layer_grad_sq = [v if i in meta.present else None for i, v in enumerate(grad_sq)]
+        weight_sq = _unmeasured(values[layout.weight()], meta.frozen) if meta.detail else None
+        update_sq = _unmeasured(values[layout.update()], meta.frozen) if meta.with_updates else None
         found_inf = meta.has_found_inf and values[layout.extra("found_inf")] > 0
         return protocol.StepRecord(
             step=meta.step,
@@ -459,6 +488,16 @@ class Run:
             weight_decay=meta.weight_decay,
             scalars={k: v for k, v in ((k, _to_float(v)) for k, v in meta.scalars.items()) if v is not None},
             layer_grad_sq=layer_grad_sq if meta.detail else None,
-            layer_weight_sq=values[layout.weight()] if meta.detail else None,
-            layer_update_sq=values[layout.update()] if meta.with_updates else None,
+            layer_weight_sq=weight_sq,
+            layer_update_sq=update_sq,
+            layer_frozen=list(meta.frozen) if meta.detail else None,
         )
+
+
+def _unmeasured(values: list[float], frozen: tuple[int, ...]) -> list[float | None]:
+    """Per-layer values (a fresh slice, edited in place) with None for the frozen layers,
+    which the probe does not measure."""
+    out = cast(list[float | None], values)
+    for i in frozen:
+        out[i] = None
+    return out

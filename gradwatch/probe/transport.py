@@ -191,7 +191,8 @@ class Transport:
         for i, old in enumerate(self._buffer):
             if old.layer_grad_sq is not None:
                 self._buffer[i] = old.model_copy(
-                    update={"layer_grad_sq": None, "layer_weight_sq": None, "layer_update_sq": None}
+                    update={"layer_grad_sq": None, "layer_weight_sq": None, "layer_update_sq": None,
+                            "layer_frozen": None}
                 )
                 self._detail_in_buffer -= 1
                 self.detail_dropped += 1

@@ -124,3 +124,8 @@ class AccumulatingGradientsDetector(Detector):
             "are summing across steps",
             value=norm,
         )
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        norm = first_finite(obs.grad_norm_preclip, obs.grad_norm)
+        return (f"gradient norm {norm:.4g} at step {obs.step}, no longer climbing step after step "
+                f"({self.settings.resolve_after} steps)")

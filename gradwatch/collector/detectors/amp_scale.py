@@ -70,3 +70,7 @@ class AmpScaleCollapseDetector(Detector):
         if not self._latch.update(bool(reasons)):
             return []
         return [Finding(f"loss scaling collapsed at step {obs.step}: {'; '.join(reasons)}")]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        return (f"loss scale {obs.loss_scale:g} at step {obs.step}, no overflow streak for "
+                f"{self.settings.resolve_after} steps")

@@ -17,6 +17,8 @@ from typing import ClassVar, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict
 
+from gradwatch.collector.detectors.runbook import hint
+
 Severity = Literal["info", "warning", "critical"]
 
 
@@ -42,6 +44,9 @@ class Observation:
     layer_grad_norm: tuple[float | None, ...] | None = None
     layer_weight_norm: tuple[float, ...] | None = None
     layer_update_ratio: tuple[float, ...] | None = None
+    # Indices into `layers` of the frozen layers (no parameter requires a gradient), as of
+    # this step's per-layer detail: not measured, and never judged by the per-layer rules.
+    layer_frozen: frozenset[int] = frozenset()
 
     @property
     def val_loss(self) -> float | None:
@@ -101,17 +106,22 @@ class Detector(ABC):
             return []  # nothing holds and nothing did: most steps of most runs
         now = {f.layer: self._active.get(f.layer, f) for f in findings}
         events = [
-            AlertEvent(self.kind, f.severity, obs.step, f.message, f.layer, False, f.value)
+            AlertEvent(self.kind, f.severity, obs.step, f.message, f.layer, False, f.value, f.hint or hint(self.kind))
             for key, f in now.items()
             if key not in self._active
         ]
         events += [
-            AlertEvent(self.kind, f.severity, obs.step, f"resolved: {f.message}", f.layer, True)
+            AlertEvent(self.kind, f.severity, obs.step, self.resolution(f, obs), f.layer, True)
             for key, f in self._active.items()
             if key not in now
         ]
         self._active = now
         return events
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        """What changed, for the message of the alert's resolution at `obs`: the value now,
+        not the firing text again. Detectors say it in their own terms."""
+        return f"{self.kind} no longer holds at step {obs.step}"
 
     @property
     def active(self) -> Mapping[str | None, Finding]:

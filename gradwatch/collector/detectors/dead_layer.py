@@ -1,4 +1,5 @@
-"""`dead_layer`: a trainable layer that gets no gradient, or an all-zero one, for a while."""
+"""`dead_layer`: a trainable layer that gets no gradient, or an all-zero one, for a while.
+A frozen layer gets none by design: it is never judged."""
 
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ class _Silence:
 
 
 class DeadLayerDetector(Detector):
-    """Per layer: its gradient is None (the probe leaves frozen parameters out, so None means
-    a trainable parameter got no gradient) or <= zero_norm on `patience` consecutive detail
-    observations spanning `min_steps` steps. One alert per layer; resolves on the first
-    detail observation with a gradient."""
+    """Per layer not frozen: its gradient is None (no trainable parameter of it got one) or
+    <= zero_norm on `patience` consecutive detail observations spanning `min_steps` steps.
+    One alert per layer; resolves on the first detail observation with a gradient, or in
+    which the layer is frozen (a frozen layer's silence does not count: it starts afresh)."""
 
     kind = "dead_layer"
     Settings = DeadLayerSettings
@@ -58,9 +59,12 @@ class DeadLayerDetector(Detector):
             return []  # every layer alive and none was silent: the common case, screened in C
         silent: dict[str, _Silence] = {}
         findings = []
-        for name, grad in zip(obs.layers, obs.layer_grad_norm):
+        frozen = obs.layer_frozen
+        for i, (name, grad) in enumerate(zip(obs.layers, obs.layer_grad_norm)):
             if grad is not None and s.zero_norm < grad < math.inf:
                 continue  # alive: the common case, kept cheap (this runs for every layer)
+            if i in frozen:
+                continue
             silence = self._silent.get(name)
             if grad is None or (finite(grad) and grad <= s.zero_norm):
                 silence = silence or _Silence(obs.step)
@@ -76,5 +80,5 @@ class DeadLayerDetector(Detector):
                         layer=name,
                     )
                 )
-        self._silent = silent  # layers that got a gradient or left the model start afresh
+        self._silent = silent  # layers that got a gradient, froze or left the model start afresh
         return findings

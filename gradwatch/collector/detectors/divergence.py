@@ -166,3 +166,8 @@ class DivergenceDetector(Detector):
             parts.append(f"{'and ' if level > first else 'is '}up from its best {self._best:.4g} "
                          f"(step {self._best_step})")
         return Finding(" ".join(parts), "critical", value=level)
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        best = f" (best {self._best:.4g})" if self._best is not None else ""
+        return (f"loss level back to {self._recent.median():.4g} at step {obs.step}{best}, "
+                f"for {self.settings.resolve_after} steps")

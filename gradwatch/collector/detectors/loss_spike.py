@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from gradwatch.collector.detectors.base import (
@@ -75,3 +77,8 @@ class LossSpikeDetector(Detector):
                 value=loss,
             )
         ]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        median = self._excursion.window.median() if len(self._excursion.window) else math.nan
+        return (f"loss back to {obs.loss:.4g} at step {obs.step} (recent median {median:.4g}), calm for "
+                f"{self.settings.resolve_after} steps")

@@ -47,6 +47,9 @@ class NonfiniteDetector(Detector):
             return []
         return [Finding(f"non-finite {', '.join(culprits)} at step {obs.step}", "critical")]
 
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        return f"loss and gradients finite for {self.settings.resolve_after} steps, to step {obs.step}"
+
 
 def _nonfinite_parts(obs: Observation) -> list[str]:
     parts = []

@@ -22,7 +22,12 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import Latch, all_finite, max_lr, median_and_error
+from gradwatch.collector.detectors.stats import (
+    Latch,
+    all_finite,
+    max_lr,
+    median_and_error,
+)
 
 
 class NotLearningSettings(DetectorSettings):
@@ -116,6 +121,10 @@ class NotLearningDetector(Detector):
             hint=self._hint(),
             value=recent,
         )]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        recent = statistics.median(self._recent)
+        return f"loss moving at step {obs.step}: median {recent:.4g}, from {finding.value:.4g} when flagged"
 
     def _note_causes(self, obs: Observation) -> None:
         lr = max_lr(obs.lr)

@@ -19,8 +19,9 @@ class NotUpdatedSettings(DetectorSettings):
         2, ge=1, description="Consecutive detail observations with a gradient and no update to fire "
         "(and with an update to resolve)."
     )
-    min_grad_norm: float = Field(
-        1e-12, ge=0, description="A layer gradient norm above this counts as having a gradient."
+    min_grad_to_weight: float = Field(
+        1e-4, ge=0, description="A layer counts as having a gradient when ||g|| / ||w|| is at least "
+        "this (a smaller gradient can leave float32 weights bit-identical after a real update)."
     )
 
 
@@ -41,8 +42,8 @@ class NotUpdatedDetector(Detector):
         self._latches: dict[str, Latch] = {}
 
     def check(self, obs: Observation) -> list[Finding] | None:
-        ratios, grads = obs.layer_update_ratio, obs.layer_grad_norm
-        if ratios is None or grads is None or obs.skipped:
+        ratios, grads, weights = obs.layer_update_ratio, obs.layer_grad_norm, obs.layer_weight_norm
+        if ratios is None or grads is None or weights is None or obs.skipped:
             return None  # no detail, or a skipped step: nothing moved by design
         if not obs.lr or min(obs.lr) <= 0 or not all(map(finite, obs.lr)):
             return None  # a zero LR (a schedule's first or last step) moves nothing either
@@ -50,8 +51,8 @@ class NotUpdatedDetector(Detector):
             return []  # every layer moved and none was suspect: the common case
         s = self.settings
         findings = []
-        for name, ratio, grad in zip(obs.layers, ratios, grads):
-            stuck = ratio == 0.0 and finite(grad) and grad > s.min_grad_norm
+        for name, ratio, grad, weight in zip(obs.layers, ratios, grads, weights):
+            stuck = ratio == 0.0 and finite(grad) and finite(weight) and grad > s.min_grad_to_weight * weight
             latch = self._latches.get(name)
             if latch is None:
                 if not stuck:
@@ -68,3 +69,6 @@ class NotUpdatedDetector(Detector):
             elif latch.idle:
                 del self._latches[name]
         return findings
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        return f"layer {finding.layer} moving again at step {obs.step}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import Field
 
 from gradwatch.collector.detectors.base import (
@@ -68,6 +70,8 @@ class OverfittingDetector(Detector):
             return None  # no evaluation at this step (or a non-finite one)
         val = self._val.median()
         train = self._train.median() if len(self._train) else None
+        if len(self._val) < self.settings.val_window:
+            return []  # the best is a median of a full window: one early evaluation is noise
         if self._best is None or val < self._best:
             self._best, self._best_step, self._train_at_best = val, obs.step, train
             self._latch.reset()  # a new best is no overfitting, at once
@@ -98,3 +102,7 @@ class OverfittingDetector(Detector):
                 value=val,
             )
         ]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        val = self._val.median() if len(self._val) else math.nan
+        return f"val_loss back to {val:.4g} at step {obs.step} (best {self._best:.4g}, step {self._best_step})"

@@ -59,8 +59,12 @@ class PlateauSettings(DetectorSettings):
         1e-4, description="No plateau while the loss median is below this: nothing is left to gain."
     )
     annealed_lr_fraction: float = Field(
-        0.1, ge=0, description="No plateau while the LR is below this fraction of its peak so far: a "
+        0.3, ge=0, description="No plateau while the LR is below this fraction of its peak so far: a "
         "loss that flattens as the schedule anneals is the schedule ending, not a stall."
+    )
+    min_learned: float = Field(
+        0.1, ge=0, description="No plateau unless the loss median is below the first block's by "
+        "this fraction: a run that never learned is `not_learning`'s finding, not a stall."
     )
     converged_ratio: float = Field(
         0.1, ge=0, description="No plateau once the loss median is below this fraction of the first "
@@ -73,7 +77,11 @@ class PlateauDetector(Detector):
     of steps is compared with the median of the block two blocks before it (medians of many
     steps, not one noisy value or a running minimum that a lucky low resets). Plateau when it has not
     fallen by min_delta; resolved once it falls by twice that. Comparison starts afresh while
-    the LR rises (warm-up) and after a sharp LR drop (Keras' cooldown)."""
+    the LR rises (warm-up) and after a sharp LR drop (Keras' cooldown).
+
+    An `info` note, not a warning: a loss that flattens at a constant LR is also what every
+    healthy run does before its next scheduled LR drop; the note (and a `reduce_lr` action
+    policy, which acts on notes too) says that lowering the LR is the next move."""
 
     kind = "plateau"
     Settings = PlateauSettings
@@ -92,6 +100,7 @@ class PlateauDetector(Detector):
         self._evaluated_at: int | None = None
         self._lr: float | None = None
         self._peak_lr = 0.0
+        self._last_recent = math.nan  # the latest evaluated block median
 
     def check(self, obs: Observation) -> list[Finding] | None:
         if not finite(obs.loss):
@@ -120,6 +129,7 @@ class PlateauDetector(Detector):
             return None  # a block lost to NaNs: cannot tell
         self._evaluated_at = obs.step
         recent, recent_error = median_and_error(recent_losses)
+        self._last_recent = recent
         earlier, earlier_error = median_and_error(earlier_losses)
         improvement = earlier - recent
         noise = _NOISE_K * math.hypot(recent_error, earlier_error)
@@ -131,16 +141,21 @@ class PlateauDetector(Detector):
             first = statistics.median(self._first_block)
             converged = recent < s.converged_loss or (first > 0 and recent < s.converged_ratio * first)
             annealed = lr is not None and lr < s.annealed_lr_fraction * self._peak_lr
-            if converged or annealed or improvement + noise > min_delta:
+            never_learned = first - recent < s.min_learned * abs(first)  # `not_learning`'s case
+            if converged or annealed or never_learned or improvement + noise > min_delta:
                 return []
         return [
             Finding(
                 f"loss has not improved in {2 * block:.0f} steps (median {recent:.4g} over the "
                 f"{block:.0f} steps to {obs.step}, {earlier:.4g} over {block:.0f} steps "
                 f"{2 * block:.0f} before)",
+                "info",
                 value=recent,
             )
         ]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        return f"loss improving again at step {obs.step}: block median {self._last_recent:.4g}, down from {finding.value:.4g}"
 
     def _remember(self, step: int, loss: float) -> None:
         if len(self._first_block) < self.settings.patience:

@@ -62,7 +62,8 @@ class UpdateRatioDetector(Detector):
     """Per layer, on detail steps that were not skipped: the update-to-weight ratio is above
     `max_ratio`, or below `min_ratio` while the layer has a real gradient (the optimizer
     does not update it, or its LR is far too small), for `patience` detail observations.
-    The too-small rule rests while the LR has annealed to a small fraction of its peak."""
+    The too-small rule rests while the LR has annealed to a small fraction of its peak.
+    Frozen layers are not trained, so never judged: an episode ends when its layer freezes."""
 
     kind = "update_ratio"
     Settings = UpdateRatioSettings
@@ -72,8 +73,9 @@ class UpdateRatioDetector(Detector):
         super().__init__(settings)
         self._latches: dict[str, Latch] = {}
         self._ignored = re.compile(self.settings.ignore_layers)
-        self._judged_for: tuple[str, ...] | None = None
+        self._judged_for: tuple[tuple[str, ...], frozenset[int]] | None = None
         self._judged_mask: tuple[bool, ...] = ()
+        self._frozen_names: frozenset[str] = frozenset()
         self._peak_lr = 0.0
 
     def check(self, obs: Observation) -> list[Finding] | None:
@@ -84,7 +86,9 @@ class UpdateRatioDetector(Detector):
         s = self.settings
         if obs.step < s.warmup:
             return []
-        judged = self._judged(obs.layers)
+        judged = self._judged(obs.layers, obs.layer_frozen)
+        for name in self._frozen_names.intersection(self._latches):
+            del self._latches[name]  # frozen: no longer trained, its alert resolves
         if not self._latches:  # screen the usual all-in-band vector in C before the per-layer loop
             ratios = tuple(compress(obs.layer_update_ratio, judged))
             if all_finite(ratios) and s.min_ratio <= min(ratios, default=s.min_ratio) \
@@ -117,12 +121,17 @@ class UpdateRatioDetector(Detector):
                 findings.append(self.active.get(name) or self._finding(name, ratio))
         return findings
 
-    def _judged(self, layers: tuple[str, ...]) -> tuple[bool, ...]:
-        """Which layers `ignore_layers` leaves to judge; computed once per layout (a regex
-        search per layer per detail step dominated ingest time)."""
-        if layers is not self._judged_for:
-            self._judged_for = layers
-            self._judged_mask = tuple(not self._ignored.search(name) for name in layers)
+    def _judged(self, layers: tuple[str, ...], frozen: frozenset[int]) -> tuple[bool, ...]:
+        """Which layers are judged: not frozen and not ignored by `ignore_layers`; computed
+        once per layout and frozen set (a regex search per layer per detail step dominated
+        ingest time)."""
+        cached = self._judged_for
+        if cached is None or cached[0] is not layers or cached[1] != frozen:
+            self._judged_for = (layers, frozen)
+            self._judged_mask = tuple(
+                i not in frozen and not self._ignored.search(name) for i, name in enumerate(layers)
+            )
+            self._frozen_names = frozenset(layers[i] for i in frozen if i < len(layers))
         return self._judged_mask
 
     def _finding(self, name: str, ratio: float) -> Finding:

@@ -35,7 +35,8 @@ class VanishingGradientsSettings(DetectorSettings):
 class VanishingGradientsDetector(Detector):
     """AUTOTRAINER's rule on the per-layer detail: the largest gradient norm among the first
     `edge_layers` layers (in the model's parameter order) is below `max_ratio` times the
-    largest among the last ones, and below `max_input_norm` in absolute terms.
+    largest among the last ones, and below `max_input_norm` in absolute terms. Frozen layers
+    are left out: with a frozen backbone, the input side is the first layers that train.
 
     A tiny *global* norm alone (SageMaker's mean |g| < 1e-7) is deliberately not a finding:
     a converged model with a loss near zero has one legitimately; an all-zero network is
@@ -53,6 +54,8 @@ class VanishingGradientsDetector(Detector):
         if obs.layer_grad_norm is None:
             return None
         grads = obs.layer_grad_norm
+        if obs.layer_frozen:
+            grads = tuple(g for i, g in enumerate(grads) if i not in obs.layer_frozen)
         norms = grads if all_finite(grads) else [g for g in grads if g is not None and math.isfinite(g)]
         if len(norms) < 2:
             return None
