@@ -131,8 +131,8 @@ class DivergenceDetector(Detector):
         floor = max(s.min_rise * scale, s.noise_z * noise)
         thresholds = [(first + max(s.above_start * scale, floor), first)]
         best = self._best
-        if best is not None:
-            thresholds.append((best + max(s.undone_progress * max(first - best, 0.0), floor), best))
+        if best is not None and first - best > floor:  # only a run that made progress can undo it
+            thresholds.append((best + max(s.undone_progress * (first - best), floor), best))
             if best > 0:
                 thresholds.append((max(s.above_best_factor * best, best + floor), best))
         threshold, reference = min(thresholds)

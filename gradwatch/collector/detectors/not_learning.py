@@ -68,7 +68,8 @@ class NotLearningSettings(DetectorSettings):
 class NotLearningDetector(Detector):
     """From `min_steps` on, until the run has learned: the median of the latest
     `recent_steps` losses has not fallen below the median of the first `initial_steps` by
-    `min_progress` of it, nor by `noise_z` standard errors. Resolves when it does; retires
+    `min_progress` of it, even credited with `noise_z` standard errors. While the LR is
+    rising (a warm-up), only when the updates are tiny too. Resolves when it moves; retires
     for good once the level has fallen by `learned_after`."""
 
     kind = "not_learning"
@@ -83,7 +84,9 @@ class NotLearningDetector(Detector):
         self._ratio: float | None = None  # median update/weight ratio of the latest detail step
         self._clipped_to: float | None = None  # post-clip norm when clipping cuts deep
         self._peak_lr = 0.0
-        self._first_lr: float | None = None
+        self._lr: float | None = None
+        self._rising_until = -1  # the LR rose within the last `recent_steps` steps until then
+        self._step = 0
         self._latch = Latch(on_after=1, off_after=self.settings.resolve_after)
 
     def check(self, obs: Observation) -> list[Finding] | None:
@@ -130,8 +133,10 @@ class NotLearningDetector(Detector):
         lr = max_lr(obs.lr)
         if lr is not None:
             self._peak_lr = max(self._peak_lr, lr)
-            if self._first_lr is None:
-                self._first_lr = lr
+            if self._lr is not None and lr > self._lr * 1.0001:
+                self._rising_until = obs.step + self.settings.recent_steps
+            self._lr = lr
+        self._step = obs.step
         ratios = obs.layer_update_ratio
         if ratios is not None and not obs.skipped:
             finite_ratios = ratios if all_finite(ratios) else [r for r in ratios if finite(r) and r > 0]
@@ -141,7 +146,7 @@ class NotLearningDetector(Detector):
             self._clipped_to = obs.grad_norm if obs.grad_norm < 0.1 * obs.grad_norm_preclip else None
 
     def _warming_up(self) -> bool:
-        return self._first_lr is not None and self._peak_lr > self._first_lr * 1.0001
+        return self._step <= self._rising_until
 
     def _tiny_updates(self) -> bool:
         return self._ratio is not None and self._ratio < self.settings.tiny_update_ratio

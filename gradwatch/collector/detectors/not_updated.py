@@ -26,8 +26,8 @@ class NotUpdatedSettings(DetectorSettings):
 
 
 class NotUpdatedDetector(Detector):
-    """Per layer, on detail steps that were not skipped and where every param group has a
-    non-zero LR: the layer has a real gradient and its update ||Δw|| is exactly zero, for
+    """Per layer that is not frozen, on detail steps that were not skipped and where every
+    param group has a non-zero LR (or none is reported): the layer has a real gradient and its update ||Δw|| is exactly zero, for
     `patience` detail observations: its parameters are in no param group of the optimizer
     (or the probe watches an optimizer that does not own them). Needs the probe's update
     ratios (on by default); with `layers="module"`, a layer with some of its parameters
@@ -45,14 +45,16 @@ class NotUpdatedDetector(Detector):
         ratios, grads, weights = obs.layer_update_ratio, obs.layer_grad_norm, obs.layer_weight_norm
         if ratios is None or grads is None or weights is None or obs.skipped:
             return None  # no detail, or a skipped step: nothing moved by design
-        if not obs.lr or min(obs.lr) <= 0 or not all(map(finite, obs.lr)):
+        if obs.lr and (min(obs.lr) <= 0 or not all(map(finite, obs.lr))):
             return None  # a zero LR (a schedule's first or last step) moves nothing either
         if not self._latches and 0.0 not in ratios:
             return []  # every layer moved and none was suspect: the common case
         s = self.settings
         findings = []
-        for name, ratio, grad, weight in zip(obs.layers, ratios, grads, weights):
-            stuck = ratio == 0.0 and finite(grad) and finite(weight) and grad > s.min_grad_to_weight * weight
+        frozen = obs.layer_frozen
+        for i, (name, ratio, grad, weight) in enumerate(zip(obs.layers, ratios, grads, weights)):
+            stuck = (ratio == 0.0 and finite(grad) and finite(weight) and grad > s.min_grad_to_weight * weight
+                     and i not in frozen)  # a frozen layer's stale gradient is no finding
             latch = self._latches.get(name)
             if latch is None:
                 if not stuck:

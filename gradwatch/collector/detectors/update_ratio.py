@@ -27,7 +27,8 @@ class UpdateRatioSettings(DetectorSettings):
         0.05, gt=0, description="Too large: the layer rewrites 5% of itself per step (healthy: ~1e-3)."
     )
     min_ratio: float = Field(
-        1e-7, ge=0, description="Too small: the layer does not move although it has a gradient."
+        1e-7, ge=0, description="Too small: the layer barely moves although it has a gradient (not at "
+        "all, a ratio of exactly 0, is `not_updated`'s finding)."
     )
     min_grad_to_weight: float = Field(
         1e-4, ge=0, description="The too-small rule only judges layers with ||g|| / ||w|| at least "
@@ -104,7 +105,7 @@ class UpdateRatioDetector(Detector):
                     and math.isfinite(ratio):
                 out_of_band = ratio > s.max_ratio or (
                     not annealed
-                    and ratio < s.min_ratio
+                    and 0 < ratio < s.min_ratio  # exactly 0 with a gradient is `not_updated`'s
                     and finite(grad)
                     and grad / weight >= s.min_grad_to_weight
                 )
