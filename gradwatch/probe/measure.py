@@ -62,6 +62,15 @@ def _vector_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _index_on(values: list[int], device: torch.device) -> torch.Tensor:
+    """`values` as an index tensor on `device`. On CUDA it travels from pinned memory with
+    a non-blocking copy: built on the training thread, it must not make it wait."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Measurer:
     """Computes per-layer squared norms of gradients, weights and updates into a packed vector."""
 
@@ -87,7 +96,7 @@ class Measurer:
         groups = self.layer_map.groups
         # Built once per set of trainable tensors, so no step copies an index to the device:
         # per group the layer of each tensor, and a zero that stands in for a missing gradient.
-        self._indices = [torch.tensor(g.layer_ids, dtype=torch.long, device=self.home) for g in groups]
+        self._indices = [_index_on(g.layer_ids, self.home) for g in groups]
         self._zeros = [torch.zeros((), dtype=_norm_dtype(g.dtype), device=g.device) for g in groups]
         self._snapshot = None  # reallocated for the new groups on the next detail step
 
