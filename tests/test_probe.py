@@ -502,3 +502,73 @@ def test_context_manager_and_idempotent_detach(spool: Path) -> None:
     # hooks are gone: further steps are not recorded and nothing breaks
     opt.step()
     assert run.step == 1
+
+
+def _two_micro_batch_steps(model: torch.nn.Module, opt: torch.optim.Optimizer | None, other: torch.nn.Module,
+                           scaler: torch.amp.GradScaler | None = None) -> list[float]:
+    """A loop that computes its loss outside the model (as most scripts do), accumulates
+    two micro-batches, and trains another model in between; returns each step's loss."""
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    totals = []
+    for x, y in batches(4):
+        other_opt.zero_grad()
+        other(x).pow(2).mean().backward()  # not this run's loss
+        other_opt.step()
+        total = 0.0
+        for xs, ys in ((x[:8], y[:8]), (x[8:], y[8:])):
+            loss = torch.nn.functional.mse_loss(model(xs), ys) / 2
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            total += float(loss.detach())
+            if opt is None:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= 0.05 * p.grad
+                        p.grad = None
+        if opt is not None:
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+        totals.append(total)
+    return totals
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "grad scaler", "no optimizer"])
+def test_loss_computed_outside_the_model_is_read_from_backward(spool: Path, mode: str) -> None:
+    """Scripts whose model returns predictions still report their loss: the sum of the
+    losses backpropagated since the previous step, unscaled, and only those that reached
+    this run's parameters."""
+    torch.manual_seed(0)
+    model, other = TinyNet(), TinyNet()
+    opt = None if mode == "no optimizer" else torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if mode == "grad scaler" else None
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="outside", scaler=scaler)
+    totals = _two_micro_batch_steps(model, opt, other, scaler)
+    run.detach()
+    _, records, _ = read_spool(spool)
+    if mode == "no optimizer":  # one record per backward: each micro-batch's loss
+        assert len(records) == 8
+        for record, pair in zip(records[::2], totals):
+            assert record.loss is not None and record.loss < pair
+        assert_close(sum(r.loss for r in records), sum(totals))
+    else:
+        assert [r.step for r in records] == [1, 2, 3, 4]
+        for record, total in zip(records, totals):
+            assert_close(record.loss, total)
+
+
+def test_a_logged_loss_wins_over_backward(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="logged")
+    for x, y in batches(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        run.log(loss=7.0)
+        loss.backward()
+        opt.step()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.loss for r in records] == [7.0, 7.0, 7.0]

@@ -37,7 +37,7 @@ from typing import Any, Self, TypeVar, cast
 import torch
 
 from gradwatch import StopTraining, protocol
-from gradwatch.probe import clip
+from gradwatch.probe import backward, clip
 from gradwatch.probe.actions import ActionState
 from gradwatch.probe.handoff import Handoff, Pending
 from gradwatch.probe.layers import LayerMap, LayerSpec
@@ -99,6 +99,13 @@ def _to_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def _grad_state(p: torch.Tensor) -> tuple[int, int]:
+    """Changes whenever a backward writes p's gradient: a new `.grad` tensor, or an in-place
+    accumulation into the old one (which bumps its version counter)."""
+    grad = p.grad
+    return (0, 0) if grad is None else (id(grad), grad._version)
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
@@ -204,6 +211,11 @@ class Run:
         self._last_record = time.perf_counter()
         self._losses: list[torch.Tensor | float] = []
         self._logged_losses: list[torch.Tensor | float] = []
+        # Losses that `backward()` was called on and that reached this run's parameters:
+        # the loss of scripts that compute it outside the model (see probe/backward.py).
+        self._backward_losses: list[torch.Tensor] = []
+        self._backward_candidate: torch.Tensor | None = None
+        self._loss_logged = False
         self._scalars: dict[str, Any] = {}
         self._preclip: torch.Tensor | None = None
         self._stepped_since_update = False
@@ -236,6 +248,7 @@ class Run:
         self._grad_hook: Any = None  # the gradient hook of a run without an optimizer
         self._install_hooks(loss_fn)
         clip.subscribe(self)
+        backward.subscribe(self)
         atexit.register(self.detach)
         log.info(
             "gradwatch: watching %d tensors in %d layers (%d frozen) of run %r (rank %d/%d) -> %s",
@@ -252,6 +265,7 @@ class Run:
             return
         for key, value in values.items():
             if key == "loss":
+                self._loss_logged = True  # the user reports the loss: backward() is not read
                 self._logged_losses.append(value.detach() if isinstance(value, torch.Tensor) else float(value))
             elif len(self._scalars) < protocol.MAX_SCALARS or key in self._scalars:
                 self._scalars[protocol_safe(key).replace("-", "_")] = (
@@ -273,6 +287,7 @@ class Run:
         if self.scaler is not None and "update" in vars(self.scaler):
             del self.scaler.update
         clip.unsubscribe(self)
+        backward.unsubscribe(self)
         atexit.unregister(self.detach)
         if self._actions.stopped_reason:
             status, reason = "stopped", self._actions.stopped_reason
@@ -382,6 +397,38 @@ class Run:
         self._stepped_since_update = True
         self._emit(vec, meta)
 
+    def _backward_loss(self, device: torch.device) -> torch.Tensor:
+        """The sum of the losses backpropagated since the last record (the user divides by
+        the accumulation steps, or the gradients are that sum too), unscaled."""
+        total = torch.stack([t.to(device, torch.float32, non_blocking=True) for t in self._backward_losses]).sum()
+        scale = getattr(self.scaler, "_scale", None)
+        if isinstance(scale, torch.Tensor):
+            total = total / scale.to(device, torch.float32, non_blocking=True)
+        return total
+
+    def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
+        """`loss.backward()` is about to run: note where the gradients of a few of this
+        run's tensors stand (host-side: the identity and version of `.grad`)."""
+        if self._broken or not self.enabled or self._detached:
+            return None
+        self._backward_candidate = loss.detach()
+        return tuple(_grad_state(p) for p in self._sentinels())
+
+    def after_backward(self, loss: torch.Tensor, before: tuple[tuple[int, int], ...] | None) -> None:
+        """Keep the loss if this backward wrote a gradient of this run's tensors."""
+        candidate, self._backward_candidate = self._backward_candidate, None
+        if before is None or candidate is None or self.optimizer is None:
+            return  # without an optimizer, the gradient hook took it during the backward
+        reached = any(_grad_state(p) != state for p, state in zip(self._sentinels(), before))
+        if reached and len(self._backward_losses) < 1024:
+            self._backward_losses.append(candidate)
+
+    def _sentinels(self) -> tuple[torch.Tensor, ...]:
+        """The first and last measured tensors: one of them takes a gradient in any
+        backward that reaches the model (the input side and the output side)."""
+        params = self._layers.params
+        return (params[0], params[-1]) if params else ()
+
     def _before_scaler_update(self) -> None:
         if not self._stepped_since_update and not self._broken and self.optimizer is not None:
             self._record_skipped_step()
@@ -406,6 +453,8 @@ class Run:
         vec = self._measure.new_vector()
         meta = self._new_meta(detail, with_updates=False)
         meta.present = self._measure.grads(vec, list(grads))
+        if self._backward_candidate is not None:
+            self._backward_losses = [self._backward_candidate]
         if detail:
             self._measure.weights_and_updates(vec, with_updates=False)
         self._emit(vec, meta)
@@ -444,7 +493,10 @@ class Run:
             tensors = [torch.as_tensor(x, dtype=torch.float32).to(vec.device, non_blocking=True) for x in losses]
             self._measure.set_extra(vec, "loss", torch.stack([t.reshape(()) for t in tensors]).mean())
             meta.has_loss = True
-        self._losses, self._logged_losses = [], []
+        elif self._backward_losses and not self._loss_logged:
+            self._measure.set_extra(vec, "loss", self._backward_loss(vec.device))
+            meta.has_loss = True
+        self._losses, self._logged_losses, self._backward_losses = [], [], []
         if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):
             self._measure.set_extra(vec, "loss_scale", self.scaler._scale)
             meta.has_scale = True
