@@ -707,3 +707,21 @@ def test_every_setting_is_described_and_documented_with_its_default(kind: str) -
             assert float(cell) == field.default, name
         else:
             assert cell == field.default, name
+
+
+@pytest.mark.parametrize(
+    "update, preclip, first",
+    [
+        (1e-7, None, "Check the LR"),  # updates far too small: the LR (or a stuck warm-up)
+        (1e-3, None, "Check that labels match"),  # normal updates, yet the loss does not follow
+        (1e-3, 50.0, "Raise the clipping threshold"),  # clipped to 1e-4 from a norm of 50
+    ],
+)
+def test_not_learning_names_the_likeliest_cause_first(update: float, preclip: float | None, first: str) -> None:
+    steps = 100
+    detail = healthy_layers(mlp_names(3), seed=50, update=update)
+    trace = make_trace(list(lognormal_noise(steps, 2.3, 0.02, seed=51)), grad_norm=[1e-4] * steps,
+                       grad_norm_preclip=[preclip] * steps if preclip else None, lr=[1e-3] * steps, detail=detail)
+    fired = [e for e in run(trace) if e.kind == "not_learning" and not e.resolved]
+    assert len(fired) == 1 and fired[0].step == 60
+    assert fired[0].hint.startswith(first), fired[0].hint

@@ -162,17 +162,21 @@ class NotLearningDetector(Detector):
         return "; " + "; ".join(seen) if seen else ""
 
     def _hint(self) -> str:
-        """The first things to check, the likeliest first given what was seen."""
-        steps = []
+        """The first things to check, the likeliest first given what was seen: clipping that
+        cuts the gradient to nothing, updates far too small (the LR), or updates of a normal
+        size that the loss does not follow (the labels, the weight decay)."""
+        lr = "check the LR and its schedule (a warm-up stuck near zero, an LR far too small)"
+        labels = "check that labels match their inputs (shuffled or misaligned targets)"
+        decay = "check that weight decay does not overwhelm the gradient"
+        clipping = "raise the clipping threshold (max_norm around 1.0 is usual)"
         if self._clipped_to is not None:
-            steps.append("raise the clipping threshold (max_norm around 1.0 is usual)")
-        if self._tiny_updates() or self._clipped_to is None:
-            steps.append("check the LR and its schedule (a warm-up stuck near zero, an LR far too small)")
-        steps += [
-            "check that labels match their inputs (shuffled or misaligned targets)",
-            "check that weight decay does not overwhelm the gradient",
-        ]
-        if self._clipped_to is None:
-            steps.append("check gradient clipping")
-        return "; ".join(steps).capitalize() + "."
+            steps = [clipping, lr, labels, decay]
+        elif self._tiny_updates():
+            steps = [lr, decay, labels]
+        elif self._ratio is not None:  # the weights move at a normal pace: the target is the suspect
+            steps = [labels, decay, lr]
+        else:
+            steps = [lr, labels, decay, "check the gradient clipping threshold"]
+        text = "; ".join(steps)
+        return text[0].upper() + text[1:] + "."
 
