@@ -178,9 +178,9 @@ def clipped_rnn_learning() -> list[Observation]:
 
 
 def early_bump() -> list[Observation]:
-    """SGD without warm-up: the loss rises 30% over its first steps, then falls (healthy)."""
+    """SGD without warm-up: the loss rises 12% over its first steps, then falls (healthy)."""
     steps = 400
-    bump = [1 + 0.3 * math.sin(math.pi * min(t, 20) / 20) for t in range(steps)]
+    bump = [1 + 0.12 * math.sin(math.pi * min(t, 20) / 20) for t in range(steps)]
     loss = [b * x for b, x in zip(bump, noisy_decay(steps, 2.3, 0.4, 80, noise=0.05, seed=42))]
     return make_trace(loss, grad_norm=lognormal_noise(steps, 1.0, 0.3, seed=43))
 
@@ -189,6 +189,14 @@ def layer_not_updated_by_rounding() -> list[Observation]:
     """Vanishing-size gradients whose float32 updates round away: no update, no real gradient."""
     detail = with_layer(healthy_layers(mlp_names(3), seed=44), "0.weight", 0, grad=1e-9, update=0.0)
     return make_trace(base_loss(300), grad_norm=base_grad(300), detail=detail)
+
+
+def attention_key_bias() -> list[Observation]:
+    """A BERT-like layer: the key projection's bias gets an exactly zero gradient (softmax
+    ignores a shift shared by all keys) and never moves."""
+    names = ["attention.query.weight", "attention.query.bias", "attention.key.weight", "attention.key.bias"]
+    detail = with_layer(healthy_layers(names, seed=48), "attention.key.bias", 0, grad=0.0, update=0.0)
+    return make_trace(base_loss(400), grad_norm=base_grad(400), detail=detail, lr=[1e-3] * 400)
 
 
 HEALTHY: dict[str, Callable[[], list[Observation]]] = {
@@ -204,6 +212,7 @@ HEALTHY: dict[str, Callable[[], list[Observation]]] = {
     "clipped recurrent net whose pre-clip norm grows as it learns": clipped_rnn_learning,
     "loss bump in the first steps without warm-up": early_bump,
     "a layer whose tiny updates round away": layer_not_updated_by_rounding,
+    "an attention key bias, which gets no gradient by design": attention_key_bias,
 }
 
 

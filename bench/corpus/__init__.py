@@ -55,6 +55,7 @@ from corpus import (  # noqa: F401
     cases_manual,
     cases_mlp,
     cases_rnn,
+    cases_scripts,
 )
 
 # The CI subset: a few of each family, both halves, trains in about a minute.
@@ -69,4 +70,6 @@ QUICK: tuple[str, ...] = (
     "amp-fp16-scale-collapse",
     "finetune-freeze-then-unfreeze",
     "gpt-lr-1",
+    "script-wordlm-lstm-tied-healthy",
+    "script-wordlm-lr2000",
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -148,6 +148,28 @@ def script_mnist_healthy(opts: dict[str, Any]) -> None:
     mnist_main(opts)
 
 
+@case("script-mnist-adadelta-lr100", ("dead_layer", "not_learning", "not_updated", "update_ratio", "loss_spike"), onset=1,
+      description="pytorch/examples mnist with --lr 100 (Adadelta): one huge step kills every ReLU, loss stuck at ln 10")
+def script_mnist_adadelta_lr100(opts: dict[str, Any]) -> None:
+    """mnist/main.py run with `--lr 100`. It does not diverge: Adadelta's first step moves
+    every weight by about its own size (fc1: ||dw||/||w|| ~ 1), the loss jumps to 870 at step
+    2, and from then on every ReLU is dead: all tensors but fc2.bias get exactly zero
+    gradient (hence exactly zero updates) and the loss sits at ln 10 = 2.30 (the prior
+    learned by fc2.bias) for the remaining 398 steps."""
+    mnist_main(opts, lr=100.0)
+
+
+@case("script-mnist-steplr-gamma-7", ("divergence", "loss_spike", "dead_layer", "not_updated", "update_ratio"), onset=101,
+      description="pytorch/examples mnist with --gamma 7 (typo for 0.7): lr x7 every epoch, the net dies in epoch 3")
+def script_mnist_steplr_gamma_7(opts: dict[str, Any]) -> None:
+    """mnist/main.py with `--gamma 7`: epoch 1 (lr 1) learns normally (loss 2.29 -> 0.28).
+    At step 101 the LR becomes 7: the loss spikes to 9.5, falls back to ~1.5 and re-learns to
+    0.35; at step 201 (lr 49) it spikes to 210, every ReLU dies within ~20 steps (exact-zero
+    gradients and updates on all but the last layer) and the loss stays at chance, 2.3-2.7,
+    above its initial level, until the end (lr 343 in epoch 4)."""
+    mnist_main(opts, gamma=7.0)
+
+
 # ==== 2. pytorch/examples word_language_model/main.py =========================================
 
 
@@ -238,8 +260,8 @@ def word_lm_main(opts: dict[str, Any], *, lr: float = 20.0, clip: float | None =
         for i in range(0, train_data.size(0) - 1, bptt):
             data, targets = get_batch(train_data, i, bptt)
             # Starting each batch, we detach the hidden state from how it was previously produced.
-            hidden = repackage_hidden(hidden)
             model.zero_grad()
+            hidden = repackage_hidden(hidden)
             output, hidden = model(data, hidden)
             loss = criterion(output, targets)
             loss.backward()
@@ -278,6 +300,26 @@ def script_wordlm_healthy(opts: dict[str, Any]) -> None:
     synthetic grammar. No optimizer, `model.zero_grad()`, loss from `nn.NLLLoss` outside
     the model, updates `p.data.add_(p.grad, alpha=-lr)`."""
     word_lm_main(opts)
+
+
+@case("script-wordlm-lr2000", ("divergence", "exploding_gradients", "update_ratio"), onset=1,
+      description="pytorch/examples word_language_model with --lr 2000 (100x): loss 4 -> 260 at step 2, stays 40-1100")
+def script_wordlm_lr2000(opts: dict[str, Any]) -> None:
+    """word_language_model/main.py `--tied --lr 2000`: each clipped step moves the weights by
+    500 in norm. The loss leaps from 4.0 to 260 at step 2 and stays between 40 and 1100 for
+    the whole run, even as the val-plateau rule divides the LR by 4 each epoch; the gradient
+    norm goes from 0.17 to 51 at step 2 and stays 5-25x its initial level (up to 100x)."""
+    word_lm_main(opts, lr=2000.0)
+
+
+@case("script-wordlm-no-clip", ("exploding_gradients", "divergence", "loss_spike", "update_ratio"), onset=1,
+      description="pytorch/examples word_language_model with the clip_grad_norm_ line removed (lr 20)")
+def script_wordlm_no_clip(opts: dict[str, Any]) -> None:
+    """word_language_model/main.py with `--clip 0`-like behaviour (the clip line deleted),
+    lr 20: at steps 5-10 the gradient norm explodes from 0.17 to 21, the LSTM weights grow
+    ~40x in norm and the loss climbs from 4.0 to 36; it stays above its initial level until
+    step ~65, then the run recovers and ends at 1.48 where the clipped run reaches 1.12."""
+    word_lm_main(opts, clip=None)
 
 
 # ==== 3. pytorch/examples imagenet/main.py ====================================================
@@ -386,48 +428,72 @@ def script_imagenet_healthy(opts: dict[str, Any]) -> None:
     imagenet_main(opts)
 
 
+@case("script-imagenet-resnet-lr10", ("divergence", "dead_layer", "not_learning", "update_ratio", "loss_spike"), onset=1,
+      description="pytorch/examples imagenet with --lr 10 (100x): loss above its start until the LR decay, then a dead net")
+def script_imagenet_resnet_lr10(opts: dict[str, Any]) -> None:
+    """imagenet/main.py `--lr 10`: the first step nearly doubles the weights, the loss jumps
+    from 1.79 to 11 at step 2 and stays between 2 and 20 (above ln 6) through the first LR
+    period; by step ~75 every ReLU output is dead (every tensor but fc.bias gets exactly zero
+    gradient) and after the decay at step 101 the loss sits at chance, ln 6 = 1.79, to the end.
+    (Weight decay and momentum keep moving the dead weights: their updates are not zero.)"""
+    imagenet_main(opts, lr=10.0)
+
+
 # ==== 4. karpathy/nanoGPT train.py ============================================================
 
 NANOGPT_TEXT = CharCorpus.make(100_000, seed=4)
 
 
-def nanogpt_train(
-    opts: dict[str, Any],
-    *,
-    learning_rate: float = 3e-3,
-    max_iters: int = 240,
-    zero_grad: bool = True,
-    gradient_accumulation_steps: int = 4,
-    batch_size: int = 8,
-    block_size: int = 64,
-    eval_interval: int = 80,
-    eval_iters: int = 5,
-) -> None:
+@dataclass(frozen=True)
+class NanoGPTConfig:
+    """train.py's global settings, scaled down (theirs in comments); a case overrides some,
+    as `python train.py config/....py --key=value` does."""
+
+    eval_interval: int = 80  # 2000
+    eval_iters: int = 5  # 200
+    gradient_accumulation_steps: int = 4  # 5 * 8
+    batch_size: int = 8  # 12
+    block_size: int = 64  # 1024
+    n_layer: int = 2  # 12
+    n_head: int = 4  # 12
+    n_embd: int = 64  # 768
+    dropout: float = 0.0
+    learning_rate: float = 3e-3  # 6e-4
+    max_iters: int = 240  # 600000
+    weight_decay: float = 1e-1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    warmup_iters: int = 24  # 2000
+    lr_decay_iters: int = 240  # 600000, = max_iters
+    min_lr: float = 3e-4  # 6e-5, learning_rate / 10
+
+
+def nanogpt_train(opts: dict[str, Any], cfg: NanoGPTConfig = NanoGPTConfig(), *, zero_grad: bool = True) -> None:
     """nanoGPT's `train.py` loop: lr = get_lr(iter_num) written into every param group,
-    estimate_loss every `eval_interval`, `gradient_accumulation_steps` micro-batches of
-    `loss / gradient_accumulation_steps` through a (disabled, float32) GradScaler, unscale,
-    clip 1.0, step, update, `zero_grad(set_to_none=True)`; runs max_iters + 1 steps."""
+    estimate_loss every `eval_interval` (from iter 0), `gradient_accumulation_steps`
+    micro-batches of `loss / gradient_accumulation_steps` through a (disabled, float32)
+    GradScaler, unscale, clip, step, update, `zero_grad(set_to_none=True)`; max_iters + 1
+    steps. `zero_grad=False` is the bug of a deleted `optimizer.zero_grad` line."""
     torch.manual_seed(1337)
     data = NANOGPT_TEXT
     g = torch.Generator().manual_seed(1337)
 
     def get_batch(split: str) -> Batch:
-        return data.batch(split, batch_size, block_size, g)
-
-    warmup_iters, lr_decay_iters, min_lr = max_iters // 10, max_iters, learning_rate / 10
-    weight_decay, beta1, beta2, grad_clip = 1e-1, 0.9, 0.95, 1.0
+        return data.batch(split, cfg.batch_size, cfg.block_size, g)
 
     def get_lr(it: int) -> float:
-        return warmup_cosine(it, learning_rate, warmup_iters, lr_decay_iters, min_lr)
+        return warmup_cosine(it, cfg.learning_rate, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr)
 
-    model = GPT(GPTConfig(data.vocab, block=block_size, n_layer=2, n_head=4, n_embd=64, dropout=0.0))
+    model = GPT(GPTConfig(data.vocab, block=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, dropout=cfg.dropout))
     # configure_optimizers: every 2D tensor (matmuls, embeddings) decays, biases and norms don't
     param_dict = {pn: p for pn, p in model.named_parameters() if p.requires_grad}
     optim_groups = [
-        {"params": [p for p in param_dict.values() if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in param_dict.values() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in param_dict.values() if p.dim() < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(optim_groups, lr=learning_rate, betas=(beta1, beta2))
+    optimizer = torch.optim.AdamW(optim_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # dtype float32: the scaler is a no-op
 
     @torch.no_grad()
@@ -435,8 +501,8 @@ def nanogpt_train(
         out = {}
         model.eval()
         for split in ("train", "val"):
-            losses = torch.zeros(eval_iters)
-            for k in range(eval_iters):
+            losses = torch.zeros(cfg.eval_iters)
+            for k in range(cfg.eval_iters):
                 X, Y = get_batch(split)
                 _, loss = model(X, Y)
                 losses[k] = loss.item()
@@ -452,24 +518,31 @@ def nanogpt_train(
             lr = get_lr(iter_num)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
-            if iter_num % eval_interval == 0:
+            if iter_num % cfg.eval_interval == 0:
                 estimate_loss()
             # forward backward update, with optional gradient accumulation to simulate larger batch size
-            for _micro_step in range(gradient_accumulation_steps):
+            for _micro_step in range(cfg.gradient_accumulation_steps):
                 _, loss = model(X, Y)
-                loss = loss / gradient_accumulation_steps  # scale the loss to account for gradient accumulation
+                loss = loss / cfg.gradient_accumulation_steps  # scale the loss to account for gradient accumulation
                 X, Y = get_batch("train")  # immediately async prefetch next batch while model is doing the forward pass
                 scaler.scale(loss).backward()
-            if grad_clip != 0.0:
+            if cfg.grad_clip != 0.0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             if zero_grad:  # flush the gradients as soon as we can, no need for this memory anymore
                 optimizer.zero_grad(set_to_none=True)
             iter_num += 1
-            if iter_num > max_iters:
+            if iter_num > cfg.max_iters:
                 break
+
+
+# config/train_shakespeare_char.py: no accumulation, dropout 0.2, beta2 0.99, a short warm-up
+SHAKESPEARE_CHAR = NanoGPTConfig(
+    eval_interval=100, gradient_accumulation_steps=1, batch_size=16, dropout=0.2,
+    learning_rate=2e-3, max_iters=300, lr_decay_iters=300, min_lr=2e-4, beta2=0.99, warmup_iters=10,
+)
 
 
 @case("script-nanogpt-healthy", description="nanoGPT train.py: AdamW (0.9, 0.95) decay groups, warm-up + cosine by hand, accumulation 4, clip 1.0")
@@ -481,6 +554,38 @@ def script_nanogpt_healthy(opts: dict[str, Any]) -> None:
     241 iterations with a 24-iteration warm-up, learning_rate 3e-3 (from 6e-4: a tiny model)
     on char-level synthetic English. The model returns (logits, loss)."""
     nanogpt_train(opts)
+
+
+@case("script-nanogpt-shakespeare-char-healthy", description="nanoGPT config/train_shakespeare_char.py: no accumulation, dropout 0.2, beta2 0.99")
+def script_nanogpt_shakespeare_char(opts: dict[str, Any]) -> None:
+    """nanoGPT `train.py config/train_shakespeare_char.py` (baby GPT: one micro-step per
+    iteration, dropout 0.2, beta2 0.99, lr 1e-3 -> min 1e-4, warm-up 100 of 5000 iterations),
+    scaled down: 2 layers of width 64, batch 16 x block 64 (from 64 x 256), 301 iterations
+    with a 10-iteration warm-up, lr 2e-3, on char-level synthetic English."""
+    nanogpt_train(opts, SHAKESPEARE_CHAR)
+
+
+@case("script-nanogpt-lr1", ("divergence", "exploding_gradients", "update_ratio", "plateau"), onset=1,
+      description="nanoGPT train.py with --learning_rate=1.0: loss climbs to 7-9 in the warm-up, then stuck at unigram level")
+def script_nanogpt_lr1(opts: dict[str, Any]) -> None:
+    """nanoGPT `train.py --learning_rate=1.0` (min_lr left at its default): the first step
+    changes the weights by 57% of their norm; as the warm-up ramps the loss climbs from 3.24
+    to a median of 7-9 (steps 20-110) with the pre-clip gradient norm at 7-15 (healthy: 1-2)
+    and updates of 3-13% of the weights per step (healthy: ~1%); once the cosine has brought
+    the LR under ~0.5 (step ~130) the loss falls to 2.8, the unigram entropy, and stays
+    there (2.68-2.83) with a gradient norm of ~0.1-0.2 to the end (healthy run: 0.90)."""
+    nanogpt_train(opts, replace(NanoGPTConfig(), learning_rate=1.0))
+
+
+@case("script-nanogpt-no-zero-grad", ("accumulating_gradients",), onset=1,
+      description="nanoGPT train.py with the optimizer.zero_grad(set_to_none=True) line deleted")
+def script_nanogpt_no_zero_grad(opts: dict[str, Any]) -> None:
+    """nanoGPT `train.py` without `optimizer.zero_grad(set_to_none=True)`: each step's
+    gradient is this step's plus everything before it. clip_grad_norm_(1.0) rescales the
+    sum in place every step, so it stays bounded (pre-clip norm ~1.5-2, as healthy) and
+    acts like a heavy momentum: the run still learns, but slower (final loss 1.60 against
+    0.90), with updates ~1.5x the healthy run's relative size."""
+    nanogpt_train(opts, zero_grad=False)
 
 
 # ==== 5. transformers examples/pytorch/text-classification/run_glue_no_trainer.py ============
@@ -704,3 +809,22 @@ def script_hf_bert_healthy(opts: dict[str, Any]) -> None:
     so the LR is 1e-3 (from 5e-5) with a 10% warm-up (from 0); batch 32, 100 steps per epoch
     on a synthetic 4-topic sentence task. The loss comes from the model's output dict."""
     glue_main(opts)
+
+
+@case("script-hf-bert-labels-shuffled", ("not_learning",), onset=1,
+      description="run_glue_no_trainer loop on a dataset whose labels were shuffled apart from the sentences")
+def script_hf_bert_labels_shuffled(opts: dict[str, Any]) -> None:
+    """The healthy BERT run, but the preprocessing shuffled the training labels: they carry
+    no information, the loss stays at ln 4 = 1.386 (1.37-1.42) for all 300 steps."""
+    glue_main(opts, shuffle_labels=True)
+
+
+@case("script-hf-bert-schedule-one-epoch", ("not_updated", "plateau"), onset=101,
+      description="run_glue_no_trainer with num_training_steps = len(train_dataloader) (epochs forgotten): lr 0 from step 101")
+def script_hf_bert_schedule_one_epoch(opts: dict[str, Any]) -> None:
+    """The classic scheduler bug: `get_linear_schedule_with_warmup(..., num_training_steps=
+    len(train_dataloader))`, without `* num_train_epochs`. The LR decays three times too
+    fast and is exactly 0 from step 101: epochs 2 and 3 change no weight (AdamW's update and
+    its decoupled weight decay both scale with lr) and the loss stays flat at ~0.78 (0.73-0.85)
+    for 200 steps, where the healthy run goes on to 0.045."""
+    glue_main(opts, schedule_epochs=1)

@@ -4,9 +4,10 @@ A frozen layer gets none by design: it is never judged."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from gradwatch.collector.detectors.base import (
     Detector,
@@ -15,7 +16,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import all_finite
+from gradwatch.collector.detectors.stats import all_finite, compiled
 
 
 class DeadLayerSettings(DetectorSettings):
@@ -28,6 +29,16 @@ class DeadLayerSettings(DetectorSettings):
     zero_norm: float = Field(
         1e-10, ge=0, description="A layer gradient norm at or below this counts as no gradient."
     )
+    ignore_layers: str = Field(
+        r"(^|\.)(key|k_proj|k_lin|to_k)\.bias$", description="Regex of layer names not judged: the "
+        "bias of an attention key projection gets an exactly zero gradient by design (softmax "
+        "ignores a shift shared by all keys), as in BERT, RoBERTa, ViT, BART and OPT."
+    )
+
+    @field_validator("ignore_layers")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        return compiled(pattern).pattern
 
 
 @dataclass
@@ -49,6 +60,7 @@ class DeadLayerDetector(Detector):
     def __init__(self, settings: DeadLayerSettings | None = None) -> None:
         super().__init__(settings)
         self._silent: dict[str, _Silence] = {}
+        self._ignored = re.compile(self.settings.ignore_layers)
 
     def check(self, obs: Observation) -> list[Finding] | None:
         if obs.layer_grad_norm is None:
@@ -63,7 +75,7 @@ class DeadLayerDetector(Detector):
         for i, (name, grad) in enumerate(zip(obs.layers, obs.layer_grad_norm)):
             if grad is not None and s.zero_norm < grad < math.inf:
                 continue  # alive: the common case, kept cheap (this runs for every layer)
-            if i in frozen:
+            if i in frozen or self._ignored.search(name):
                 continue
             silence = self._silent.get(name)
             if grad is None or (finite(grad) and grad <= s.zero_norm):

@@ -8,6 +8,7 @@ recovers within `confirm_steps` stays `loss_spike`'s finding.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from pydantic import Field
@@ -52,7 +53,7 @@ class DivergenceSettings(DetectorSettings):
     )
     noise_z: float = Field(
         6.0, ge=0, description="The rise must also exceed this many robust standard deviations of "
-        "the loss around its recent level (OLMo-core's z-score of 6)."
+        "the loss's step-to-step noise (OLMo-core's z-score of 6)."
     )
     tail_quantile: float = Field(
         0.9, gt=0.5, lt=1, description="...and the level must exceed this quantile of the latest "
@@ -67,8 +68,21 @@ class DivergenceSettings(DetectorSettings):
         4, ge=1, description="Consecutive steps the level must stay diverged to fire: a spike that "
         "recovers at once is `loss_spike`."
     )
+    lingering_above_start: float = Field(
+        0.15, ge=0, description="A level that stays above the first loss by this fraction of it "
+        "(and by `min_rise`)..."
+    )
+    lingering_noise_z: float = Field(
+        3.0, ge=0, description="...and this many robust standard deviations of the step-to-step noise "
+        "(a level held for many steps needs less margin than a sudden one)..."
+    )
+    lingering_steps: int = Field(
+        10, ge=1, description="...for this many consecutive steps is a divergence too: the run "
+        "stays worse than where it started."
+    )
     resolve_after: int = Field(
-        20, ge=1, description="Consecutive steps back below half the margin that resolve it."
+        20, ge=1, description="Consecutive steps back below half the margin (of the threshold and "
+        "of the lingering level, whichever is lower) that resolve it."
     )
 
 
@@ -76,7 +90,7 @@ class DivergenceDetector(Detector):
     """Critical when the median of the latest `level_window` losses stays, for
     `confirm_steps` steps, above any of: the first loss by `above_start` of it; the best
     level by `undone_progress` of the progress made; `above_best_factor` times the best
-    level. Each rise must also beat `noise_z` robust deviations of the loss's own noise and
+    level; or for `lingering_steps` above the first loss by `lingering_above_start`. Each rise must also beat `noise_z` robust deviations of the loss's own noise and
     `min_rise` of the first loss. No warm-up, and the references never adopt a higher level:
     a run that diverges in stages is judged against where it had been."""
 
@@ -92,9 +106,12 @@ class DivergenceDetector(Detector):
         self._best_step = 0
         self._recent = RollingWindow(s.level_window)
         self._slow = RollingWindow(s.best_window)
-        self._deviations: deque[float] = deque(maxlen=4 * s.best_window)
+        # |loss - previous loss| of accepted steps: step-to-step noise, blind to a trend
+        self._differences: deque[float] = deque(maxlen=4 * s.best_window)
+        self._previous: float | None = None
         self._tail: deque[float] = deque(maxlen=s.tail_window)
-        self._streak = 0  # consecutive diverged steps while calm
+        self._streak = 0  # consecutive steps above the threshold
+        self._lingering = 0  # consecutive steps above `lingering_above_start`
         self._calm = 0  # consecutive steps back below the exit threshold while active
 
     def check(self, obs: Observation) -> list[Finding] | None:
@@ -106,28 +123,44 @@ class DivergenceDetector(Detector):
             self._first = loss
         self._recent.add(loss)
         level = self._recent.median()
+        calm_so_far = not self.active and not self._streak and not self._lingering
+        if calm_so_far and level <= min(self._threshold(level, cheap=True)[0], self._above_start(cheap=True)):
+            self._learn(loss, obs.step)  # the usual step: below even the noise-free thresholds
+            return []
         threshold, reference = self._threshold(level)
-        diverged = level > threshold
-        if not diverged:
+        above_start = self._above_start()
+        high, lingering = level > threshold, level > above_start
+        if not (high or lingering):
             self._learn(loss, obs.step)
+        self._streak = self._streak + 1 if high else 0
+        self._lingering = self._lingering + 1 if lingering else 0
         if self.active:
-            exit_threshold = reference + (threshold - reference) / 2
-            self._calm = self._calm + 1 if level < exit_threshold else 0
+            back = min(reference + (threshold - reference) / 2, self._first + (above_start - self._first) / 2)
+            self._calm = self._calm + 1 if level < back else 0
             if self._calm >= s.resolve_after:
-                self._streak = self._calm = 0
+                self._streak = self._lingering = self._calm = 0
                 return []
             return [self._finding(obs.step, level)]
-        self._streak = self._streak + 1 if diverged else 0
-        if self._streak < s.confirm_steps:
-            return []
-        return [self._finding(obs.step, level)]
+        if self._streak >= s.confirm_steps or self._lingering >= s.lingering_steps:
+            return [self._finding(obs.step, level)]
+        return []
 
-    def _threshold(self, level: float) -> tuple[float, float]:
-        """The lowest level that counts as diverged now, and the reference it rises from."""
+    def _above_start(self, cheap: bool = False) -> float:
+        """The level that, held for `lingering_steps`, is a divergence: the run stays above
+        where it started."""
+        s = self.settings
+        first = self._first if self._first is not None else 0.0
+        noise = 0.0 if cheap else self._noise()
+        return first + max(s.lingering_above_start * abs(first), s.min_rise * abs(first), s.lingering_noise_z * noise)
+
+    def _threshold(self, level: float, cheap: bool = False) -> tuple[float, float]:
+        """The lowest level that counts as diverged now, and the reference it rises from.
+        `cheap` leaves out the noise and the tail quantile, which only ever raise it: a
+        level below the cheap threshold is below the real one."""
         s = self.settings
         first = self._first if self._first is not None else level
         scale = abs(first)
-        noise = self._noise()
+        noise = 0.0 if cheap else self._noise()
         floor = max(s.min_rise * scale, s.noise_z * noise)
         thresholds = [(first + max(s.above_start * scale, floor), first)]
         best = self._best
@@ -136,7 +169,7 @@ class DivergenceDetector(Detector):
             if best > 0:
                 thresholds.append((max(s.above_best_factor * best, best + floor), best))
         threshold, reference = min(thresholds)
-        if len(self._tail) >= 10:
+        if not cheap and len(self._tail) >= 10:
             ordered = sorted(self._tail)
             threshold = max(threshold, ordered[int(s.tail_quantile * (len(ordered) - 1))])
         return threshold, reference
@@ -145,17 +178,22 @@ class DivergenceDetector(Detector):
         """Only levels that are not diverged shape the references and the noise estimate."""
         self._slow.add(loss)
         self._tail.append(loss)
+        if self._previous is not None:
+            self._differences.append(abs(loss - self._previous))
+        self._previous = loss
         if len(self._slow) >= min(self.settings.best_window, 5):
             slow = self._slow.median()
-            self._deviations.append(abs(loss - slow))
             if self._best is None or slow < self._best:
                 self._best, self._best_step = slow, step
 
     def _noise(self) -> float:
-        if len(self._deviations) < 5:
+        """Robust sigma of the loss from its step-to-step differences (a difference of two
+        draws has sqrt(2) sigma): a climbing trend does not inflate it, as deviations from
+        a median would."""
+        if len(self._differences) < 5:
             return 0.0
-        ordered = sorted(self._deviations)
-        return _MAD_TO_SIGMA * ordered[len(ordered) // 2]
+        ordered = sorted(self._differences)
+        return _MAD_TO_SIGMA * ordered[len(ordered) // 2] / math.sqrt(2)
 
     def _finding(self, step: int, level: float) -> Finding:
         first = self._first if self._first is not None else level

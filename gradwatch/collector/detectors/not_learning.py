@@ -109,10 +109,11 @@ class NotLearningDetector(Detector):
         if progress > s.learned_after * abs(initial):
             self._learned = True
             return []
-        # Flat only when even the optimistic reading of the noise leaves it short of
-        # min_progress: a loss too noisy to tell is given the benefit of the doubt.
-        upper = progress + s.noise_z * math.hypot(initial_error, recent_error)
-        flat = upper < s.min_progress * abs(initial)
+        # Judged with the noise in the run's favour: a loss too noisy to tell is not flagged.
+        error = s.noise_z * math.hypot(initial_error, recent_error)
+        # Flat: short of min_progress downwards, and not clearly risen either (a loss above
+        # where it started is `divergence`'s finding).
+        flat = progress + error < s.min_progress * abs(initial) and -progress - error < s.min_progress * abs(initial)
         if flat and self._warming_up() and not self._tiny_updates():
             flat = False  # a warm-up still raising a sane LR: the loss has yet to move
         if not self._latch.update(flat):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import deque
 from collections.abc import Iterable
@@ -154,6 +155,14 @@ class Excursion:
             self._latch.reset()
             return False
         return active
+
+
+def compiled(pattern: str) -> re.Pattern[str]:
+    """A settings regex, or a ValueError that says what is wrong with it (for pydantic)."""
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"not a regular expression: {error}") from None
 
 
 def median_and_error(values: list[float]) -> tuple[float, float]:

@@ -15,7 +15,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import Latch, all_finite, max_lr
+from gradwatch.collector.detectors.stats import Latch, all_finite, compiled, max_lr
 
 
 class UpdateRatioSettings(DetectorSettings):
@@ -52,11 +52,7 @@ class UpdateRatioSettings(DetectorSettings):
     @field_validator("ignore_layers")
     @classmethod
     def _compiles(cls, pattern: str) -> str:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"not a regular expression: {error}") from None
-        return pattern
+        return compiled(pattern).pattern
 
 
 class UpdateRatioDetector(Detector):
