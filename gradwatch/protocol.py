@@ -22,7 +22,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+# 2: StepRecord.layer_frozen and StepRecord.grads_kept. Messages forbid unknown fields, so
+# a new field is a new version: an older peer refuses it at hello, with a clear reason.
+PROTOCOL_VERSION = 2
 
 # Run names and label values end up in Prometheus labels, SQLite and log lines: keep them
 # printable and bounded so no one can inject series or break the exposition format.
@@ -112,6 +114,9 @@ class StepRecord(_Message):
     grad_norm_preclip: float | None = None  # total norm returned by clip_grad_norm_
     nonfinite_layers: Count = 0  # layers whose gradient holds a NaN or an inf
     skipped: bool = False  # the optimizer step was skipped (AMP overflow or a skip_step action)
+    # Nothing cleared the gradients after the previous optimizer step (no zero_grad): this
+    # step's gradients were added to that step's.
+    grads_kept: bool = False
     loss_scale: float | None = None
     lr: Annotated[list[float], Field(max_length=MAX_PARAM_GROUPS)] = []
     momentum: Annotated[list[float | None], Field(max_length=MAX_PARAM_GROUPS)] = []

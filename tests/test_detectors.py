@@ -439,6 +439,13 @@ def missing_zero_grad() -> list[Observation]:
     return make_trace(base_loss(400), grad_norm=summed)
 
 
+def gradients_never_cleared() -> list[Observation]:
+    """Clipped training without zero_grad: the norm stays at the clip level, but the probe
+    sees that nothing cleared the gradients after each step from step 50 on."""
+    trace = make_trace(base_loss(300), grad_norm=[1.0] * 300, grad_norm_preclip=base_grad(300))
+    return [dataclasses.replace(obs, grads_kept=obs.step >= 50) for obs in trace]
+
+
 PATHOLOGIES = [
     Case("loss above its start from step 4 (LR far too high)", diverging_from_start,
          (Episode("divergence", (5, 10)),)),
@@ -449,6 +456,8 @@ PATHOLOGIES = [
          (Episode("loss_spike", (300, 300), (302, 330)),)),
     Case("a layer with a gradient the optimizer never moves", layer_left_out,
          (Episode("not_updated", (10, 20), layer="2.weight"),)),
+    Case("gradients never cleared under clipping (grads_kept)", gradients_never_cleared,
+         (Episode("accumulating_gradients", (52, 52)),)),
     Case("gradients summed across steps (no zero_grad)", missing_zero_grad,
          (Episode("accumulating_gradients", (20, 60)),)),
     Case("NaN loss and gradients from step 600 on", lambda: nan_from(600), (Episode("nonfinite", (600, 600)),)),

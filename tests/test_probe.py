@@ -572,3 +572,49 @@ def test_a_logged_loss_wins_over_backward(spool: Path) -> None:
     run.detach()
     _, records, _ = read_spool(spool)
     assert [r.loss for r in records] == [7.0, 7.0, 7.0]
+
+
+@pytest.mark.parametrize(
+    "clear, kept",
+    [
+        ("zero_grad", False),  # set_to_none, the default
+        ("zero_grad(set_to_none=False)", False),
+        ("model.zero_grad", False),
+        ("zero_grad before backward", False),
+        ("nothing", True),  # gradients pile up across steps
+    ],
+)
+def test_the_probe_sees_gradients_that_nothing_clears(spool: Path, clear: str, kept: bool) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="kept")
+    for x, y in batches(4):
+        if clear == "zero_grad before backward":
+            opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # edits .grad in place, before the step
+        opt.step()
+        if clear == "zero_grad":
+            opt.zero_grad()
+        elif clear == "zero_grad(set_to_none=False)":
+            opt.zero_grad(set_to_none=False)
+        elif clear == "model.zero_grad":
+            model.zero_grad()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.grads_kept for r in records] == [False] + [kept] * 3
+
+
+def test_accumulation_cycles_that_clear_after_the_step_are_not_kept(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="cycles")
+    data = batches(6)
+    for step in range(3):
+        for x, y in data[2 * step: 2 * step + 2]:
+            (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.grads_kept for r in records] == [False, False, False]

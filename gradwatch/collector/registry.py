@@ -534,6 +534,7 @@ def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, laye
         grad_norm_preclip=first.grad_norm_preclip,
         nonfinite_layers=max(r.nonfinite_layers for r in records),
         skipped=any(r.skipped for r in records),
+        grads_kept=any(r.grads_kept for r in records),
         loss_scale=first.loss_scale,
         lr=tuple(first.lr),
         scalars=scalars,

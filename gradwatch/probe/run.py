@@ -29,6 +29,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -80,6 +81,7 @@ class _StepMeta:
     frozen: tuple[int, ...] = ()  # ids of the frozen layers, on detail steps
     grads_after_step: bool = False  # a closure (LBFGS) computes them inside step
     skipped: bool = False
+    grads_kept: bool = False
     has_loss: bool = False
     has_scale: bool = False
     has_preclip: bool = False
@@ -216,6 +218,11 @@ class Run:
         self._backward_losses: list[torch.Tensor] = []
         self._backward_candidate: torch.Tensor | None = None
         self._loss_logged = False
+        # A sentinel's `.grad` (weakly: a cleared gradient must be freed) and its version right
+        # after the last optimizer step, until the next backward checks whether anything
+        # cleared it (zero_grad) in between.
+        self._grad_after_step: tuple[torch.Tensor, weakref.ref[torch.Tensor], int] | None = None
+        self._grads_kept = False
         self._scalars: dict[str, Any] = {}
         self._preclip: torch.Tensor | None = None
         self._stepped_since_update = False
@@ -396,6 +403,10 @@ class Run:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
         self._emit(vec, meta)
+        sentinels = self._sentinels()
+        grad = sentinels[0].grad if sentinels else None
+        if grad is not None:
+            self._grad_after_step = (sentinels[0], weakref.ref(grad), grad._version)
 
     def _backward_loss(self, device: torch.device) -> torch.Tensor:
         """The sum of the losses backpropagated since the last record (the user divides by
@@ -412,6 +423,10 @@ class Run:
         if self._broken or not self.enabled or self._detached:
             return None
         self._backward_candidate = loss.detach()
+        if self._grad_after_step is not None:  # the first backward since the last step
+            param, grad, version = self._grad_after_step
+            self._grad_after_step = None
+            self._grads_kept = param.grad is not None and param.grad is grad() and param.grad._version == version
         return tuple(_grad_state(p) for p in self._sentinels())
 
     def after_backward(self, loss: torch.Tensor, before: tuple[tuple[int, int], ...] | None) -> None:
@@ -504,6 +519,7 @@ class Run:
             self._measure.set_extra(vec, "preclip_norm", self._preclip)
             meta.has_preclip = True
             self._preclip = None
+        meta.grads_kept, self._grads_kept = self._grads_kept, False
         meta.scalars, self._scalars = self._scalars, {}
         self.step += 1
         self._last_record = time.perf_counter()
@@ -534,6 +550,7 @@ class Run:
             grad_norm_preclip=values[layout.extra("preclip_norm")] if meta.has_preclip else None,
             nonfinite_layers=sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v)),
             skipped=meta.skipped or found_inf,
+            grads_kept=meta.grads_kept,
             loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
             lr=meta.lr,
             momentum=meta.momentum,

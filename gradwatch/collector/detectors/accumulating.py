@@ -1,6 +1,9 @@
 """`accumulating_gradients`: gradients summed across steps because nothing zeroes them.
 
-Without `optimizer.zero_grad()` every backward adds to `.grad`: the gradient the optimizer
+The probe sees it directly: a gradient tensor still holding, at the next backward, exactly
+what it held after the previous optimizer step was never cleared (`grads_kept`). Without
+that signal (an older probe, a model updated by hand), the norm tells:
+without `optimizer.zero_grad()` every backward adds to `.grad`: the gradient the optimizer
 sees at step t is the sum of all t batch gradients, so its norm climbs steadily, almost
 every step, roughly in proportion to the step count (Adam hides it: the loss may even keep
 falling). A healthy norm fluctuates around its level, up as often as down; one that grows
@@ -28,8 +31,13 @@ _HISTORY = 512
 
 
 class AccumulatingGradientsSettings(DetectorSettings):
+    kept_steps: int = Field(
+        3, ge=1, description="Fires when the probe saw, on this many consecutive steps, that nothing "
+        "cleared the gradients after the previous optimizer step (`grads_kept`: direct, and "
+        "blind to clipping). Otherwise, from the gradient norm alone: the latest..."
+    )
     window: int = Field(
-        30, ge=5, description="Latest steps whose gradient norms must rise step over step..."
+        30, ge=5, description="...steps whose gradient norms must rise step over step..."
     )
     min_rising_fraction: float = Field(
         0.75, gt=0.5, le=1, description="...in at least this fraction of the steps (a healthy "
@@ -52,7 +60,8 @@ class AccumulatingGradientsSettings(DetectorSettings):
 
 
 class AccumulatingGradientsDetector(Detector):
-    """On every step with a gradient norm (pre-clip where clipping is used): the norm rose
+    """The probe saw `grads_kept` (no zero_grad after the previous step) on `kept_steps`
+    consecutive steps. Or, without that signal, on every step with a gradient norm (pre-clip where clipping is used): the norm rose
     over the previous step in `min_rising_fraction` of the latest `window` steps, is
     `min_growth` times the median of the run's first 5 steps, and between
     `min_growth_since_half` and `max_growth_since_half` times its median around half the
@@ -72,19 +81,26 @@ class AccumulatingGradientsDetector(Detector):
         self._stride = 1
         self._seen = 0
         self._calm = 0
+        self._kept_since: int | None = None  # first step of the current run of `grads_kept`
+        self._kept = 0
 
     def check(self, obs: Observation) -> list[Finding] | None:
+        s = self.settings
+        if obs.grads_kept:
+            self._kept_since = obs.step if not self._kept else self._kept_since
+            self._kept += 1
+        else:
+            self._kept = 0
         norm = first_finite(obs.grad_norm_preclip, obs.grad_norm)
         if norm is None or obs.skipped:
             return None
-        s = self.settings
         if len(self._first) < 5:
             self._first.append(norm)
         if self._latest:
             self._rises.append(norm > self._latest[-1])
         self._latest.append(norm)
         self._remember(obs.step, norm)
-        accumulating = self._accumulating(obs.step)
+        accumulating = self._kept >= s.kept_steps or self._accumulating(obs.step)
         if self.active:
             self._calm = 0 if accumulating else self._calm + 1
             return [] if self._calm >= s.resolve_after else [self._finding(obs.step, norm)]
@@ -117,6 +133,12 @@ class AccumulatingGradientsDetector(Detector):
             self._stride *= 2
 
     def _finding(self, step: int, norm: float) -> Finding:
+        if self._kept >= self.settings.kept_steps:
+            return Finding(
+                f"nothing cleared the gradients between optimizer steps since step {self._kept_since}: "
+                f"each step adds its gradient to all the previous ones (gradient norm {norm:.4g} at step {step})",
+                value=norm,
+            )
         start = statistics.median(self._first)
         return Finding(
             f"gradient norm {norm:.4g} at step {step} has risen in {sum(self._rises)} of the last "

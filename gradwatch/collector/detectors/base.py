@@ -37,6 +37,7 @@ class Observation:
     grad_norm_preclip: float | None = None
     nonfinite_layers: int = 0
     skipped: bool = False
+    grads_kept: bool = False  # the gradients were not cleared after the previous step
     loss_scale: float | None = None
     lr: tuple[float, ...] = ()
     scalars: Mapping[str, float] = field(default_factory=dict)
