@@ -33,7 +33,14 @@ from torch.optim.lr_scheduler import LambdaLR, StepLR
 
 import gradwatch
 from corpus import case
-from corpus.common import GPT, CharCorpus, GPTConfig, grammar_text, shapes, warmup_cosine
+from corpus.common import (
+    GPT,
+    CharCorpus,
+    GPTConfig,
+    grammar_text,
+    shapes,
+    warmup_cosine,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
