@@ -618,3 +618,29 @@ def test_accumulation_cycles_that_clear_after_the_step_are_not_kept(spool: Path)
     run.detach()
     _, records, _ = read_spool(spool)
     assert [r.grads_kept for r in records] == [False, False, False]
+
+
+@pytest.mark.parametrize(
+    "cleared, updates_between, kept",
+    [
+        (True, True, False),  # the usual hand-written loop: update, then zero the gradients
+        (False, True, True),  # updated by hand, gradients never cleared: they pile up
+        (False, False, False),  # several backwards, no update in between: accumulation on purpose
+    ],
+)
+def test_without_an_optimizer_kept_gradients_need_an_update_in_between(
+    spool: Path, cleared: bool, updates_between: bool, kept: bool
+) -> None:
+    model = TinyNet()
+    run = gradwatch.attach(model, url=f"file:{spool}", name="manual-kept")
+    for x, y in batches(4):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if updates_between:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+        if cleared:
+            model.zero_grad()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.grads_kept for r in records] == [False] + [kept] * 3

@@ -218,10 +218,10 @@ class Run:
         self._backward_losses: list[torch.Tensor] = []
         self._backward_candidate: torch.Tensor | None = None
         self._loss_logged = False
-        # A sentinel's `.grad` (weakly: a cleared gradient must be freed) and its version right
-        # after the last optimizer step, until the next backward checks whether anything
-        # cleared it (zero_grad) in between.
-        self._grad_after_step: tuple[torch.Tensor, weakref.ref[torch.Tensor], int] | None = None
+        # A sentinel, its `.grad` (weakly: a cleared gradient must be freed), the gradient's
+        # version and the sentinel's own, right after the last update, until the next
+        # backward checks whether anything cleared the gradient (zero_grad) in between.
+        self._grad_after_step: tuple[torch.Tensor, weakref.ref[torch.Tensor], int, int] | None = None
         self._grads_kept = False
         self._scalars: dict[str, Any] = {}
         self._preclip: torch.Tensor | None = None
@@ -403,10 +403,7 @@ class Run:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
         self._emit(vec, meta)
-        sentinels = self._sentinels()
-        grad = sentinels[0].grad if sentinels else None
-        if grad is not None:
-            self._grad_after_step = (sentinels[0], weakref.ref(grad), grad._version)
+        self._note_gradients()
 
     def _backward_loss(self, device: torch.device) -> torch.Tensor:
         """The sum of the losses backpropagated since the last record (the user divides by
@@ -422,21 +419,36 @@ class Run:
         run's tensors stand (host-side: the identity and version of `.grad`)."""
         if self._broken or not self.enabled or self._detached:
             return None
-        self._backward_candidate = loss.detach()
+        self._backward_candidate = loss  # detached only if kept: most of the cost here
         if self._grad_after_step is not None:  # the first backward since the last step
-            param, grad, version = self._grad_after_step
+            param, grad, version, param_version = self._grad_after_step
             self._grad_after_step = None
-            self._grads_kept = param.grad is not None and param.grad is grad() and param.grad._version == version
+            # Without an optimizer the snapshot is taken after each backward: the weights must
+            # have moved since (a hand-written update), or this is deliberate accumulation.
+            updated = self.optimizer is not None or param._version != param_version
+            self._grads_kept = updated and param.grad is not None and param.grad is grad() \
+                and param.grad._version == version
         return tuple(_grad_state(p) for p in self._sentinels())
 
     def after_backward(self, loss: torch.Tensor, before: tuple[tuple[int, int], ...] | None) -> None:
         """Keep the loss if this backward wrote a gradient of this run's tensors."""
         candidate, self._backward_candidate = self._backward_candidate, None
-        if before is None or candidate is None or self.optimizer is None:
-            return  # without an optimizer, the gradient hook took it during the backward
+        if before is None or candidate is None:
+            return
+        if self.optimizer is None:  # the gradient hook took the loss during the backward
+            self._note_gradients()
+            return
         reached = any(_grad_state(p) != state for p, state in zip(self._sentinels(), before))
         if reached and len(self._backward_losses) < 1024:
-            self._backward_losses.append(candidate)
+            self._backward_losses.append(candidate.detach())
+
+    def _note_gradients(self) -> None:
+        """After an update (the optimizer's step, or without one each backward): where a
+        sentinel's gradient stands, for the next backward to tell whether it was cleared."""
+        sentinels = self._sentinels()
+        grad = sentinels[0].grad if sentinels else None
+        if grad is not None:
+            self._grad_after_step = (sentinels[0], weakref.ref(grad), grad._version, sentinels[0]._version)
 
     def _sentinels(self) -> tuple[torch.Tensor, ...]:
         """The first and last measured tensors: one of them takes a gradient in any
@@ -469,7 +481,7 @@ class Run:
         meta = self._new_meta(detail, with_updates=False)
         meta.present = self._measure.grads(vec, list(grads))
         if self._backward_candidate is not None:
-            self._backward_losses = [self._backward_candidate]
+            self._backward_losses = [self._backward_candidate.detach()]
         if detail:
             self._measure.weights_and_updates(vec, with_updates=False)
         self._emit(vec, meta)
