@@ -743,3 +743,15 @@ def test_not_learning_names_the_likeliest_cause_first(update: float, preclip: fl
     fired = [e for e in run(trace) if e.kind == "not_learning" and not e.resolved]
     assert len(fired) == 1 and fired[0].step == 60
     assert fired[0].hint.startswith(first), fired[0].hint
+
+
+@pytest.mark.parametrize("case", [c for c in PATHOLOGIES if any(e.resolves for e in c.episodes)],
+                         ids=lambda c: c.name)
+def test_a_resolution_says_what_changed(case: Case) -> None:
+    """Not the firing text again: the value now (or what happened), at the resolving step."""
+    events = run(case.build())
+    fired = {(e.kind, e.layer): e for e in events if not e.resolved}
+    for resolved in (e for e in events if e.resolved):
+        assert resolved.message != fired[(resolved.kind, resolved.layer)].message
+        assert f"step {resolved.step}" in resolved.message, resolved.message
+        assert not resolved.hint  # what to try belongs to the firing

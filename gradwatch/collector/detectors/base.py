@@ -129,5 +129,13 @@ class Detector(ABC):
         return self._active
 
 
+def layer_value(obs: Observation, values: tuple[float | None, ...] | None, layer: str | None) -> float | None:
+    """One layer's entry of a per-layer tuple of `obs` (None when absent): for resolution
+    messages, which run once per episode, so the linear search is fine."""
+    if values is None or layer is None or layer not in obs.layers:
+        return None
+    return values[obs.layers.index(layer)]
+
+
 def finite(x: float | None) -> TypeGuard[float]:
     return x is not None and math.isfinite(x)

@@ -15,6 +15,7 @@ from gradwatch.collector.detectors.base import (
     Finding,
     Observation,
     finite,
+    layer_value,
 )
 from gradwatch.collector.detectors.stats import all_finite, compiled
 
@@ -94,3 +95,9 @@ class DeadLayerDetector(Detector):
                 )
         self._silent = silent  # layers that got a gradient, froze or left the model start afresh
         return findings
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        grad = layer_value(obs, obs.layer_grad_norm, finding.layer)
+        if finite(grad) and grad > self.settings.zero_norm:
+            return f"layer {finding.layer} gets a gradient again at step {obs.step} (norm {grad:.3g})"
+        return f"layer {finding.layer} frozen, or no longer reported, at step {obs.step}"

@@ -14,6 +14,7 @@ from gradwatch.collector.detectors.base import (
     Finding,
     Observation,
     finite,
+    layer_value,
 )
 from gradwatch.collector.detectors.stats import Latch, all_finite, compiled, max_lr
 
@@ -130,6 +131,13 @@ class UpdateRatioDetector(Detector):
             )
             self._frozen_names = frozenset(layers[i] for i in frozen if i < len(layers))
         return self._judged_mask
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        if finding.layer is not None and finding.layer in obs.layers and obs.layers.index(finding.layer) in obs.layer_frozen:
+            return f"layer {finding.layer} frozen at step {obs.step}"
+        ratio = layer_value(obs, obs.layer_update_ratio, finding.layer)
+        now = f" at {ratio:.3g}" if finite(ratio) else ""
+        return f"layer {finding.layer} update/weight ratio back in band{now} at step {obs.step}"
 
     def _finding(self, name: str, ratio: float) -> Finding:
         """The finding at onset: the latch only turns on at a step that judged `ratio`."""

@@ -49,6 +49,7 @@ class VanishingGradientsDetector(Detector):
     def __init__(self, settings: VanishingGradientsSettings | None = None) -> None:
         super().__init__(settings)
         self._latch = Latch(self.settings.patience, self.settings.patience)
+        self._ratio = math.nan  # input side / output side at the latest judged detail step
 
     def check(self, obs: Observation) -> list[Finding] | None:
         if obs.layer_grad_norm is None:
@@ -64,6 +65,7 @@ class VanishingGradientsDetector(Detector):
         edge = max(1, min(self.settings.edge_layers, len(norms) // 2))
         input_side, output_side = max(norms[:edge]), max(norms[-edge:])
         ratio = input_side / output_side if output_side > 0 else 1.0  # all zero: dead, not vanishing
+        self._ratio = ratio
         vanishing = ratio < self.settings.max_ratio and input_side < self.settings.max_input_norm
         if not self._latch.update(vanishing):
             return []
@@ -74,3 +76,7 @@ class VanishingGradientsDetector(Detector):
                 value=ratio,
             )
         ]
+
+    def resolution(self, finding: Finding, obs: Observation) -> str:
+        return (f"input-side gradient norm back to {self._ratio:.2g} of the output side's at step {obs.step}, "
+                f"for {self.settings.patience} detail observations")
