@@ -45,6 +45,13 @@ def test_collector_quick_prints_its_table() -> None:
         assert measure in out
 
 
+def test_backward_tap_prints_its_cost() -> None:
+    done = subprocess.run([sys.executable, str(BENCH / "backward_tap.py"), "--calls", "500", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "us per call" in done.stdout
+
+
 def test_a_paused_run_records_nothing_and_resumes(tmp_path: Path) -> None:
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
