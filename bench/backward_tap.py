@@ -35,9 +35,11 @@ def main() -> None:
     model, x = nn.Linear(4, 1), torch.randn(2, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     bare = min(per_call_us(model, x, args.calls) for _ in range(args.repeats))
-    with tempfile.TemporaryDirectory() as tmp:
-        with gradwatch.attach(model, optimizer, url=f"file:{Path(tmp) / 'spool.jsonl'}", name="backward-tap"):
-            attached = min(per_call_us(model, x, args.calls) for _ in range(args.repeats))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        gradwatch.attach(model, optimizer, url=f"file:{Path(tmp) / 'spool.jsonl'}", name="backward-tap"),
+    ):
+        attached = min(per_call_us(model, x, args.calls) for _ in range(args.repeats))
     print(f"forward + backward of nn.Linear(4, 1): {bare:.1f} us bare, {attached:.1f} us attached: "
           f"+{attached - bare:.1f} us per call (forward hook and backward tap)")
 
