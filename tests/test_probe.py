@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -644,3 +645,98 @@ def test_without_an_optimizer_kept_gradients_need_an_update_in_between(
     run.detach()
     _, records, _ = read_spool(spool)
     assert [r.grads_kept for r in records] == [False] + [kept] * 3
+
+
+class _WrappedOptimizer(torch.optim.Optimizer):
+    """Like Accelerate's AcceleratedOptimizer: subclasses Optimizer without initialising it
+    (no hook registries), keeps the real one at `.optimizer` and steps it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, closure: Any = None) -> Any:
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def _three_steps(model: torch.nn.Module, opt: Any) -> None:
+    for x, y in batches(3):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_attach_unwraps_an_optimizer_wrapper(spool: Path) -> None:
+    model = TinyNet()
+    opt = _WrappedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05))
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="wrapped")
+    _three_steps(model, opt)
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [(r.step, r.lr) for r in records] == [(1, [0.05]), (2, [0.05]), (3, [0.05])]
+
+
+def test_attach_takes_an_accelerate_prepared_optimizer(spool: Path) -> None:
+    """`accelerator.prepare` wraps the optimizer in an AcceleratedOptimizer, which crashed
+    `attach` (no `_optimizer_step_pre_hooks`): the probe hooks the optimizer inside."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = TinyNet()
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="accelerate")
+    for x, y in batches(3):
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        opt.step()
+        opt.zero_grad()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == [1, 2, 3]
+    assert all(r.loss is not None and r.grad_norm_sq for r in records)
+
+
+@pytest.mark.parametrize(
+    "model, optimizer, says",
+    [
+        (TinyNet(), object(), "is not a torch.optim.Optimizer"),
+        (TinyNet(), None, "every=0"),  # a bad option: said at once, training goes on
+    ],
+    ids=["an optimizer it cannot use", "a bad option"],
+)
+def test_attach_never_raises_into_training(
+    caplog: pytest.LogCaptureFixture, spool: Path, model: torch.nn.Module, optimizer: Any, says: str
+) -> None:
+    options = {"every": 0} if says == "every=0" else {}
+    with caplog.at_level("WARNING", logger="gradwatch.probe"):
+        run = gradwatch.attach(model, optimizer, url=f"file:{spool}", name="refused", **options)
+    assert isinstance(run, gradwatch.probe.DisabledRun)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "training continues without the probe" in warnings[0] and says in warnings[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    _three_steps(model, opt)  # training is unaffected
+    run.detach()
+
+
+def test_a_model_without_parameters_does_not_break_attach(spool: Path) -> None:
+    model = torch.nn.ReLU()
+    run = gradwatch.attach(model, url=f"file:{spool}", name="empty")
+    model(torch.randn(2, 2))
+    run.detach()
+
+
+def test_attaching_twice_returns_the_run_already_attached(caplog: pytest.LogCaptureFixture, spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = gradwatch.attach(model, opt, url=f"file:{spool}", name="once")
+    with caplog.at_level("WARNING", logger="gradwatch.probe"):
+        second = gradwatch.attach(model, opt, url=f"file:{spool}", name="twice")
+    assert second is first
+    assert any("already attached" in r.getMessage() for r in caplog.records)
+    _three_steps(model, opt)
+    first.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == [1, 2, 3]  # one record per step, not two
+    third = gradwatch.attach(model, opt, url=f"file:{spool}.2", name="after-detach")
+    assert third is not first
+    third.detach()

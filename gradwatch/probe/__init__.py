@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Self
 
 from gradwatch.probe.run import Run
 
 __all__ = ["Run", "attach"]
+
+log = logging.getLogger("gradwatch.probe")
 
 
 def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledRun:
@@ -29,10 +32,38 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     collector is unreachable, default 10000).
 
     With GRADWATCH_DISABLE=1 nothing is hooked and the returned run does nothing.
+
+    `attach` never raises into training: an optimizer wrapper is unwrapped (`.optimizer`),
+    attaching twice to one optimizer returns the run already attached, and anything else it
+    cannot handle logs one warning saying what to do and returns a run that does nothing.
     """
     if os.environ.get("GRADWATCH_DISABLE", "").lower() in ("1", "true", "yes"):
         return DisabledRun()
-    return Run(model, optimizer, **options)
+    existing = _attached(model, optimizer)
+    if existing is not None:
+        log.warning("gradwatch: run %r is already attached to this model/optimizer; returning it "
+                    "(detach it first to start another run)", existing.name)
+        return existing
+    try:
+        return Run(model, optimizer, **options)
+    except Exception as error:  # training comes first: a probe that cannot attach stays out
+        log.warning("gradwatch: could not attach, training continues without the probe: %s", error,
+                    exc_info=not isinstance(error, (TypeError, ValueError)))
+        return DisabledRun()
+
+
+def _attached(model: Any, optimizer: Any) -> Run | None:
+    """The live run already attached to this model or optimizer, if any."""
+    for run in list(Run.live):
+        if run.model is model or (optimizer is not None and run.optimizer is _inner(optimizer)):
+            return run
+    return None
+
+
+def _inner(optimizer: Any) -> Any:
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class DisabledRun:

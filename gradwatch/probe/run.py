@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, ClassVar, Self, TypeVar, cast
 
 import torch
 
@@ -103,6 +103,24 @@ def _to_float(value: Any) -> float | None:
         return None
 
 
+def _real_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, Any]:
+    """The torch optimizer that steps, and the GradScaler of the wrapper around it if any.
+
+    Wrappers (Accelerate's `AcceleratedOptimizer`, Lightning's and DeepSpeed's) keep the real
+    optimizer at `.optimizer`; some subclass `Optimizer` without initialising it, so its hook
+    registries are missing and hooks must go on the inner one, which every step reaches."""
+    scaler = None
+    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        scaler = scaler or getattr(optimizer, "scaler", None)
+        optimizer = optimizer.optimizer
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer of type {type(optimizer).__name__} is not a torch.optim.Optimizer and has none at "
+            "`.optimizer`: pass the torch optimizer that steps, or none (each backward is then one record)"
+        )
+    return optimizer, scaler
+
+
 def _grad_state(p: torch.Tensor) -> tuple[int, int]:
     """Changes whenever a backward writes p's gradient: a new `.grad` tensor, or an in-place
     accumulation into the old one (which bumps its version counter)."""
@@ -164,6 +182,8 @@ class Run:
     `enabled = False` pauses the probe between steps without unhooking it (every hook
     returns at once; the benchmarks toggle it per step)."""
 
+    live: ClassVar[weakref.WeakSet[Run]] = weakref.WeakSet()  # attached and not detached
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -197,7 +217,9 @@ class Run:
         self._lock = threading.Lock()
 
         self.model = model
+        optimizer, wrapper_scaler = _real_optimizer(optimizer)
         self.optimizer = optimizer
+        scaler = scaler if scaler is not None else wrapper_scaler
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
         self.rank, self.world_size = _distributed()
         self.sharded = any(_is_sharded(p) for p in model.parameters())
@@ -257,6 +279,7 @@ class Run:
         clip.subscribe(self)
         backward.subscribe(self)
         atexit.register(self.detach)
+        Run.live.add(self)
         log.info(
             "gradwatch: watching %d tensors in %d layers (%d frozen) of run %r (rank %d/%d) -> %s",
             len(self._layers.param_names), len(self._layers), len(self._layers.frozen), self.name, self.rank,
@@ -285,6 +308,7 @@ class Run:
             if self._detached:
                 return
             self._detached = True
+        Run.live.discard(self)
         for handle in [*self._handles, self._grad_hook]:
             if handle is not None:
                 handle.remove()
