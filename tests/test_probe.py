@@ -71,10 +71,11 @@ def test_plain_loop_every_norm_matches_reference(spool: Path) -> None:
                 assert_close(got, want, rel=1e-3)
         else:
             assert record.layer_grad_sq is None and record.layer_weight_sq is None
-    # run.log(loss=...) after step i arrives with step i+1; the forward hook is not used
-    # for a model that returns predictions, so loss is reported from the log call
-    assert_close(records[1].loss, expected[0][0])
-    assert records[1].scalars == {"accuracy": 0.5}
+    # run.log(...) after step i, before step i+1 begins, belongs to step i: every record,
+    # the last one included (detach sends what was waiting)
+    for record, (loss, *_) in zip(records, expected):
+        assert_close(record.loss, loss)
+        assert record.scalars == {"accuracy": 0.5}
 
 
 def test_loss_captured_from_forward_and_loss_fn(spool: Path) -> None:
@@ -740,3 +741,42 @@ def test_attaching_twice_returns_the_run_already_attached(caplog: pytest.LogCapt
     third = gradwatch.attach(model, opt, url=f"file:{spool}.2", name="after-detach")
     assert third is not first
     third.detach()
+
+
+def test_without_an_optimizer_the_preclip_norm_belongs_to_its_backward(spool: Path) -> None:
+    """A hand-written loop clips after the backward whose record is sealed during it: the
+    norm still lands on that record, not the next (word_language_model's loop)."""
+    model = TinyNet()
+    run = gradwatch.attach(model, url=f"file:{spool}", name="manual-clip")
+    totals = []
+    for x, y in batches(4):
+        model.zero_grad()
+        (100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+        totals.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.01 * p.grad
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert len(records) == 4
+    for record, total in zip(records, totals):
+        assert_close(record.grad_norm_preclip, total)
+
+
+def test_an_evaluation_logged_between_steps_belongs_to_the_step_before(spool: Path) -> None:
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="eval")
+    for step, (x, y) in enumerate(batches(4), start=1):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 2 == 0:
+            model.eval()
+            with torch.no_grad():
+                model(x)  # an evaluation forward does not start a step
+            run.log(val_loss=float(step))
+            model.train()
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.scalars.get("val_loss") for r in records] == [None, 2.0, None, 4.0]

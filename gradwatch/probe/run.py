@@ -245,6 +245,7 @@ class Run:
         # backward checks whether anything cleared the gradient (zero_grad) in between.
         self._grad_after_step: tuple[torch.Tensor, weakref.ref[torch.Tensor], int, int] | None = None
         self._grads_kept = False
+        self._unsent: tuple[torch.Tensor, _StepMeta] | None = None  # sealed, waiting for its step's end
         self._scalars: dict[str, Any] = {}
         self._preclip: torch.Tensor | None = None
         self._stepped_since_update = False
@@ -322,6 +323,11 @@ class Run:
         atexit.unregister(self.detach)
         if self._actions.stopped_reason:
             status, reason = "stopped", self._actions.stopped_reason
+        if not self._broken:
+            try:
+                self._flush()  # the last step's record, with what was logged after it
+            except Exception:  # the probe's own failure must never fail the caller
+                log.exception("gradwatch: sending the last record failed")
         self._transport.close(status=status, reason=reason)
         if self._transport.dropped:
             log.warning("gradwatch: run %r dropped %d steps in total", self.name, self._transport.dropped)
@@ -384,7 +390,8 @@ class Run:
     @_hook
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled() or not self.model.training:
-            return
+            return  # an evaluation: what is logged around it still belongs to the last step
+        self._flush()  # a training step begins: the last one's record is complete
         if self.optimizer is None and self._detail_next() and self._measure.refresh():
             self._hook_grads()  # before the backward, whose gradients the hook passes
         loss = _loss_of(output)
@@ -393,6 +400,7 @@ class Run:
 
     @_hook
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._flush()  # in case no training forward announced this step
         self._actions.scale_lr(optimizer)
         detail = self._detail_next()
         if detail:
@@ -539,6 +547,25 @@ class Run:
         meta.present = self._measure.grads(vec)
 
     def _emit(self, vec: torch.Tensor, meta: _StepMeta) -> None:
+        """Seal the record of the step just taken. It is sent when the next step begins (its
+        first training forward, or its optimizer step) or at detach: values logged after
+        this step, before the next, belong to it (an evaluation, a pre-clip norm computed
+        after the backward of a model updated by hand)."""
+        self._flush()  # a record still waiting goes first
+        if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):
+            self._measure.set_extra(vec, "loss_scale", self.scaler._scale)  # before scaler.update
+            meta.has_scale = True
+        meta.grads_kept, self._grads_kept = self._grads_kept, False
+        self.step += 1
+        self._last_record = time.perf_counter()
+        self._unsent = (vec, meta)
+
+    def _flush(self) -> None:
+        """Send the sealed record with what was logged for its step."""
+        if self._unsent is None:
+            return
+        vec, meta = self._unsent
+        self._unsent = None
         losses = self._logged_losses or self._losses
         if losses:
             tensors = [torch.as_tensor(x, dtype=torch.float32).to(vec.device, non_blocking=True) for x in losses]
@@ -548,17 +575,11 @@ class Run:
             self._measure.set_extra(vec, "loss", self._backward_loss(vec.device))
             meta.has_loss = True
         self._losses, self._logged_losses, self._backward_losses = [], [], []
-        if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):
-            self._measure.set_extra(vec, "loss_scale", self.scaler._scale)
-            meta.has_scale = True
         if self._preclip is not None:
             self._measure.set_extra(vec, "preclip_norm", self._preclip)
             meta.has_preclip = True
             self._preclip = None
-        meta.grads_kept, self._grads_kept = self._grads_kept, False
         meta.scalars, self._scalars = self._scalars, {}
-        self.step += 1
-        self._last_record = time.perf_counter()
         if self._transport.backlog_full():
             self._transport.count_drop()
             return
