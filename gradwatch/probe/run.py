@@ -290,8 +290,10 @@ class Run:
     # ---- public API -------------------------------------------------------------------
 
     def log(self, **values: float | torch.Tensor) -> None:
-        """Report values the probe cannot see (validation loss, accuracy, ...); they travel
-        with the next optimizer step. `loss=` overrides the loss captured from forward."""
+        """Report values the probe cannot see (validation loss, accuracy, ...). A value belongs
+        to the step being taken, or, logged after an optimizer step and before the next step
+        begins (its first training forward), to that step: an evaluation after step k is
+        step k's. `loss=` overrides the loss the probe finds by itself."""
         if self._detached:
             return
         for key, value in values.items():
