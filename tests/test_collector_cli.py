@@ -154,7 +154,9 @@ def test_runs_and_alerts_commands(collector, tmp_path: Path):
     assert fired.split()[2:5] == ["queried", "fired", "nonfinite"]
     assert what_to_try == f"    try: {hint('nonfinite')}"  # under the alert it belongs to
     assert json.loads(gradwatch("alerts", "--url", collector.http_url, "--json").stdout)[0]["kind"] == "nonfinite"
-    assert "(none)" in gradwatch("alerts", "other-run", "--url", collector.http_url).stdout
+    unknown = gradwatch("alerts", "other-run", "--url", collector.http_url)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    assert unknown.stderr.strip() == "gradwatch: no run named 'other-run'; known runs: queried"
     refused = gradwatch("alerts", "bad name!", "--url", collector.http_url)
     assert refused.returncode == 1 and "run must be" in refused.stderr
 

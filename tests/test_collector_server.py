@@ -169,7 +169,8 @@ def test_ingest_to_metrics_runs_and_alerts(collector, open_probe):
         "run": "train-1", "kind": "nonfinite", "severity": "critical", "step": 6, "layer": None, "event": "fired"}
     assert alert["message"] and alert["time"] > 0 and alert["id"] == 1
     assert alert["hint"] == hint("nonfinite")
-    assert collector.get_json("/api/alerts?run=other") == []
+    status, body = collector.get("/api/alerts?run=other")  # a run the collector never saw
+    assert status == 404 and json.loads(body) == {"error": "no run named 'other'; known runs: train-1"}
     assert f"alert nonfinite fired: run train-1 step 6: {alert['message']}; try: {alert['hint']}" in collector.logs()
 
 

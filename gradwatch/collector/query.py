@@ -106,7 +106,7 @@ def _query(args: argparse.Namespace, path: str, params: dict[str, str], table: A
         print(f"no collector at {args.url}: start one with `gradwatch collector` ({err})", file=sys.stderr)
         return 1
     except ValueError as err:
-        print(f"the collector refused the query: {err}", file=sys.stderr)
+        print(f"gradwatch: {err}", file=sys.stderr)
         return 1
     print(json.dumps(data, indent=2) if args.json else (table(data) if data else "(none)"))
     return 0

@@ -531,6 +531,14 @@ class CollectorServer:
         limit = _int_param(params, "limit", 10_000, 1, 10_000)
         assert self.history is not None
         entries = self.history.entries(run, after, limit)
+        if run is not None and not entries and run not in self.registry.runs:
+            known = sorted({*self.registry.runs, *(r.name for r in self.history.load_runs())})
+            if run not in known:  # a typo must not read like a run without alerts
+                listed = ", ".join(known[:20]) + (f" (+{len(known) - 20} more)" if len(known) > 20 else "")
+                raise web.HTTPNotFound(
+                    text=json.dumps({"error": f"no run named {run!r}; known runs: {listed or 'none yet'}"}),
+                    content_type="application/json",
+                )
         return web.json_response([e.to_json() for e in entries])
 
 
