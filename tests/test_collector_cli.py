@@ -165,7 +165,19 @@ def test_queries_without_a_collector_say_how_to_start_one():
     for command in ("runs", "alerts"):
         result = gradwatch(command, "--url", "http://127.0.0.1:9")
         assert result.returncode == 1
-        assert "no collector at http://127.0.0.1:9: start one with `gradwatch collector`" in result.stderr
+        assert result.stderr.startswith("gradwatch: no collector answers at http://127.0.0.1:9 (")
+        assert "Start one with `gradwatch collector`, or point --url (or $GRADWATCH_HTTP_URL)" in result.stderr
+
+
+def test_queries_find_the_collector_where_the_user_says(collector, monkeypatch: pytest.MonkeyPatch):
+    """host:port without a scheme, $GRADWATCH_HTTP_URL, and a clear word on the ingest port."""
+    address = collector.http_url.split("://", 1)[1]
+    assert gradwatch("runs", "--url", address).returncode == 0
+    monkeypatch.setenv("GRADWATCH_HTTP_URL", collector.http_url)
+    assert gradwatch("runs").returncode == 0
+    ingest = gradwatch("runs", "--url", collector.ws_url.replace("ws://", "http://"))
+    assert ingest.returncode == 1
+    assert "is a collector's websocket (ingest) port; queries go to its HTTP port" in ingest.stderr
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:9108"
+HTTP_URL_ENV = "GRADWATCH_HTTP_URL"  # where `gradwatch runs` / `alerts` ask by default
 
 
 class Unreachable(Exception):
@@ -26,6 +28,11 @@ def fetch_json(base_url: str, path: str, params: dict[str, str] | None = None) -
         with urllib.request.urlopen(base_url.rstrip("/") + path + query, timeout=10) as response:
             return json.load(response)
     except urllib.error.HTTPError as err:
+        if err.code == 426:  # aiohttp's answer to plain HTTP on the websocket port
+            raise ValueError(
+                f"{base_url} is a collector's websocket (ingest) port; queries go to its HTTP port "
+                "(--http-port, default 9108), e.g. http://127.0.0.1:9108"
+            ) from None
         try:
             message = json.loads(err.read())["error"]
         except (ValueError, KeyError, TypeError):
@@ -50,9 +57,15 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, rule: 
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
+def http_url(address: str) -> str:
+    """A collector's HTTP address as users type it: `host:port` gets `http://`."""
+    return address if "://" in address else f"http://{address}"
+
+
 def _url_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=DEFAULT_HTTP_URL,
-                        help=f"the collector's HTTP address (default {DEFAULT_HTTP_URL})")
+    parser.add_argument("--url", type=http_url, default=None,
+                        help=f"the collector's HTTP address, host:port or a URL (default ${HTTP_URL_ENV}, "
+                        f"else {DEFAULT_HTTP_URL})")
     parser.add_argument("--json", action="store_true", help="print the raw JSON instead of a table")
 
 
@@ -100,10 +113,13 @@ def _alerts_table(entries: list[dict[str, Any]]) -> str:
 
 
 def _query(args: argparse.Namespace, path: str, params: dict[str, str], table: Any) -> int:
+    url = args.url or http_url(os.environ.get(HTTP_URL_ENV) or DEFAULT_HTTP_URL)
     try:
-        data = fetch_json(args.url, path, params)
+        data = fetch_json(url, path, params)
     except Unreachable as err:
-        print(f"no collector at {args.url}: start one with `gradwatch collector` ({err})", file=sys.stderr)
+        print(f"gradwatch: no collector answers at {url} ({err}). Start one with `gradwatch collector`, "
+              f"or point --url (or ${HTTP_URL_ENV}) at the HTTP address it printed when it started",
+              file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"gradwatch: {err}", file=sys.stderr)
