@@ -780,3 +780,20 @@ def test_an_evaluation_logged_between_steps_belongs_to_the_step_before(spool: Pa
     run.detach()
     _, records, _ = read_spool(spool)
     assert [r.scalars.get("val_loss") for r in records] == [None, 2.0, None, 4.0]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9108", "https://collector:9108", "tcp://127.0.0.1:8765"])
+def test_a_collector_address_that_cannot_work_is_said_once_at_attach(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """Not retried as an outage for the whole run: one warning with the fix, training goes on."""
+    monkeypatch.setenv("GRADWATCH_URL", url)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level("WARNING", logger="gradwatch"):
+        run = gradwatch.attach(model, opt, name="misaddressed")
+        _three_steps(model, opt)
+        run.detach()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "ws://HOST:8765" in warnings[0]
+    assert isinstance(run, gradwatch.probe.DisabledRun)

@@ -103,6 +103,24 @@ def _to_float(value: Any) -> float | None:
         return None
 
 
+def _checked_url(url: str) -> str:
+    """The collector address, refused at once when it cannot work (retrying it as if the
+    collector were down would only drop the whole run, step by step, to the same mistake)."""
+    if url.startswith("file:"):
+        return url
+    if "://" not in url:
+        return f"ws://{url}"  # host:port, as users type it
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("ws", "wss"):
+        return url
+    if scheme in ("http", "https"):
+        raise ValueError(
+            f"GRADWATCH_URL / url={url!r} is an HTTP address (the collector's --http-port, for /metrics "
+            f"and queries); the probe streams to its websocket port: ws://HOST:8765 (--port), or file:PATH"
+        )
+    raise ValueError(f"url={url!r} is not a collector address: use ws://HOST:8765 (wss:// with TLS) or file:PATH")
+
+
 def _real_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, Any]:
     """The torch optimizer that steps, and the GradScaler of the wrapper around it if any.
 
@@ -208,7 +226,7 @@ class Run:
         if stop not in ("raise", "flag"):
             raise ValueError(f"stop={stop!r}: use 'raise' (StopTraining at the next step) or 'flag' (run.should_stop)")
         self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or _default_run_name())
-        self.url = url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765"
+        self.url = _checked_url(url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765")
         self.every = every
         self.should_stop = False
         self.enabled = True
