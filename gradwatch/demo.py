@@ -179,11 +179,13 @@ def summary_table(names: list[str], entries: list[dict[str, Any]]) -> str:
             first.setdefault(e["kind"], e["step"])
         detected = ", ".join(f"{k} ({s})" for k, s in first.items()) or "-"
         if scenario.expected is None:
-            ok = not first
+            ok = all(e.get("severity") == "info" for e in fired)  # a note pages no one
             latency = "-"
         else:
             ok = scenario.expected in first
-            latency = f"{first[scenario.expected] - scenario.onset} steps" if ok else "missed"
+            steps = first[scenario.expected] - scenario.onset if ok else 0
+            latency = (f"{steps} step" if steps == 1 else f"{steps} steps") if ok else "missed"
         rows.append((name, scenario.expected or "nothing", detected,
                      str(scenario.onset) if scenario.expected else "-", latency, "ok" if ok else "MISS"))
-    return format_table(("scenario", "expected", "detected (first step)", "onset", "latency", ""), rows, rule=True)
+    return format_table(("scenario", "expected", "detected (first step)", "onset", "latency", "verdict"), rows,
+                        rule=True)
