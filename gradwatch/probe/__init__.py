@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any, Self
 
-from gradwatch.probe.run import Run
+from gradwatch.probe.run import Run, unwrap_optimizer
 
 __all__ = ["Run", "attach"]
 
@@ -39,12 +39,12 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     """
     if os.environ.get("GRADWATCH_DISABLE", "").lower() in ("1", "true", "yes"):
         return DisabledRun()
-    existing = _attached(model, optimizer)
-    if existing is not None:
-        log.warning("gradwatch: run %r is already attached to this model/optimizer; returning it "
-                    "(detach it first to start another run)", existing.name)
-        return existing
     try:
+        existing = _attached(model, optimizer)
+        if existing is not None:
+            log.warning("gradwatch: run %r is already attached to this model/optimizer; returning it "
+                        "(detach it first to start another run)", existing.name)
+            return existing
         return Run(model, optimizer, **options)
     except Exception as error:  # training comes first: a probe that cannot attach stays out
         log.warning("gradwatch: could not attach, training continues without the probe: %s", error,
@@ -55,15 +55,9 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
 def _attached(model: Any, optimizer: Any) -> Run | None:
     """The live run already attached to this model or optimizer, if any."""
     for run in list(Run.live):
-        if run.model is model or (optimizer is not None and run.optimizer is _inner(optimizer)):
+        if run.model is model or (optimizer is not None and run.optimizer is unwrap_optimizer(optimizer)[0]):
             return run
     return None
-
-
-def _inner(optimizer: Any) -> Any:
-    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class DisabledRun:

@@ -121,8 +121,8 @@ def _checked_url(url: str) -> str:
     raise ValueError(f"url={url!r} is not a collector address: use ws://HOST:8765 (wss:// with TLS) or file:PATH")
 
 
-def _real_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, Any]:
-    """The torch optimizer that steps, and the GradScaler of the wrapper around it if any.
+def unwrap_optimizer(optimizer: Any) -> tuple[Any, Any]:
+    """The optimizer inside any wrappers, and the GradScaler of the outermost wrapper that has one.
 
     Wrappers (Accelerate's `AcceleratedOptimizer`, Lightning's and DeepSpeed's) keep the real
     optimizer at `.optimizer`; some subclass `Optimizer` without initialising it, so its hook
@@ -131,11 +131,6 @@ def _real_optimizer(optimizer: Any) -> tuple[torch.optim.Optimizer | None, Any]:
     while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         scaler = scaler or getattr(optimizer, "scaler", None)
         optimizer = optimizer.optimizer
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer of type {type(optimizer).__name__} is not a torch.optim.Optimizer and has none at "
-            "`.optimizer`: pass the torch optimizer that steps, or none (each backward is then one record)"
-        )
     return optimizer, scaler
 
 
@@ -235,7 +230,12 @@ class Run:
         self._lock = threading.Lock()
 
         self.model = model
-        optimizer, wrapper_scaler = _real_optimizer(optimizer)
+        optimizer, wrapper_scaler = unwrap_optimizer(optimizer)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer of type {type(optimizer).__name__} is not a torch.optim.Optimizer and has none at "
+                "`.optimizer`: pass the torch optimizer that steps, or none (each backward is then one record)"
+            )
         self.optimizer = optimizer
         scaler = scaler if scaler is not None else wrapper_scaler
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
@@ -480,6 +480,8 @@ class Run:
             updated = self.optimizer is not None or param._version != param_version
             self._grads_kept = updated and param.grad is not None and param.grad is grad() \
                 and param.grad._version == version
+        if self._loss_logged or self._losses:
+            return ()  # the loss is logged or returned by the model: backward() is not read
         return tuple(_grad_state(p) for p in self._sentinels())
 
     def after_backward(self, loss: torch.Tensor, before: tuple[tuple[int, int], ...] | None) -> None:
@@ -490,6 +492,8 @@ class Run:
         if self.optimizer is None:  # the gradient hook took the loss during the backward
             self._note_gradients()
             return
+        if not before:
+            return  # nothing to attribute (see before_backward)
         reached = any(_grad_state(p) != state for p, state in zip(self._sentinels(), before))
         if reached and len(self._backward_losses) < 1024:
             self._backward_losses.append(candidate.detach())

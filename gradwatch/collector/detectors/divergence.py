@@ -9,6 +9,7 @@ recovers within `confirm_steps` stays `loss_spike`'s finding.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 
 from pydantic import Field
@@ -20,10 +21,7 @@ from gradwatch.collector.detectors.base import (
     Observation,
     finite,
 )
-from gradwatch.collector.detectors.stats import RollingWindow
-
-# Robust sigma from the median absolute deviation of a normal sample.
-_MAD_TO_SIGMA = 1.4826
+from gradwatch.collector.detectors.stats import MAD_TO_SIGMA, RollingWindow
 
 
 class DivergenceSettings(DetectorSettings):
@@ -192,8 +190,7 @@ class DivergenceDetector(Detector):
         a median would."""
         if len(self._differences) < 5:
             return 0.0
-        ordered = sorted(self._differences)
-        return _MAD_TO_SIGMA * ordered[len(ordered) // 2] / math.sqrt(2)
+        return MAD_TO_SIGMA * statistics.median_high(self._differences) / math.sqrt(2)
 
     def _finding(self, step: int, level: float) -> Finding:
         first = self._first if self._first is not None else level

@@ -90,9 +90,11 @@ class NotLearningDetector(Detector):
         self._latch = Latch(on_after=1, off_after=self.settings.resolve_after)
 
     def check(self, obs: Observation) -> list[Finding] | None:
+        if self._learned:
+            return []  # retired: plateau's business from here on
         self._note_causes(obs)
-        if self._learned or not finite(obs.loss):
-            return [] if self._learned else None
+        if not finite(obs.loss):
+            return None
         s = self.settings
         if len(self._initial) < s.initial_steps:
             self._initial.append(obs.loss)

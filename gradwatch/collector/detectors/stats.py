@@ -165,10 +165,14 @@ def compiled(pattern: str) -> re.Pattern[str]:
         raise ValueError(f"not a regular expression: {error}") from None
 
 
+# sigma of a normal sample from its median absolute deviation
+MAD_TO_SIGMA = 1.4826
+
+
 def median_and_error(values: list[float]) -> tuple[float, float]:
     """The median and its standard error, 1.2533 sigma / sqrt(n), sigma from the MAD."""
     median = statistics.median(values)
-    sigma = 1.4826 * statistics.median([abs(x - median) for x in values])
+    sigma = MAD_TO_SIGMA * statistics.median([abs(x - median) for x in values])
     return median, 1.2533 * sigma / math.sqrt(len(values))
 
 
