@@ -25,11 +25,13 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     $GRADWATCH_URL or ws://127.0.0.1:8765; ``file:PATH`` writes a JSONL spool),
     ``every`` (per-layer detail every N optimizer steps, default 10), ``layers``
     ('param', 'module', a prefix depth, or a compiled regex), ``loss_fn`` (a loss module
-    whose output is the loss), ``actions`` (accept actions from the collector, default
-    False), ``on_checkpoint`` (callback for the checkpoint action), ``stop`` ('raise' or
-    'flag'), ``tags``, ``token`` (default $GRADWATCH_TOKEN), ``update_ratio`` (measure
-    ||Δw||/||w|| on detail steps, default True), ``buffer`` (steps kept while the
-    collector is unreachable, default 10000).
+    whose output is the loss), ``loss_from`` ('auto', or 'backward': the step's loss is the
+    sum of the losses backpropagated in it, for models that return a part of it),
+    ``actions`` (accept actions from the collector, default False), ``on_checkpoint``
+    (callback for the checkpoint action), ``stop`` ('raise' or 'flag'), ``tags``,
+    ``token`` (default $GRADWATCH_TOKEN), ``update_ratio`` (measure ||Δw||/||w|| on
+    detail steps, default True), ``buffer`` (steps kept while the collector is
+    unreachable, default 10000).
 
     With GRADWATCH_DISABLE=1 nothing is hooked and the returned run does nothing.
 

@@ -210,6 +210,7 @@ class Run:
         tags: Mapping[str, str] | None = None,
         layers: LayerSpec = "param",
         loss_fn: torch.nn.Module | None = None,
+        loss_from: str = "auto",
         on_checkpoint: Callable[[int], Any] | None = None,
         stop: str = "raise",
         token: str | None = None,
@@ -218,6 +219,9 @@ class Run:
     ) -> None:
         if every < 1:
             raise ValueError(f"every={every}: per-layer detail needs every >= 1 (1 = every step)")
+        if loss_from not in ("auto", "backward"):
+            raise ValueError(f"loss_from={loss_from!r}: use 'auto' (logged, else the model's, else backward()) "
+                             "or 'backward' (the sum of the losses backpropagated for the step)")
         if stop not in ("raise", "flag"):
             raise ValueError(f"stop={stop!r}: use 'raise' (StopTraining at the next step) or 'flag' (run.should_stop)")
         self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or _default_run_name())
@@ -257,6 +261,10 @@ class Run:
         # the loss of scripts that compute it outside the model (see probe/backward.py).
         self._backward_losses: list[torch.Tensor] = []
         self._backward_candidate: torch.Tensor | None = None
+        # 'backward': the model's own loss is a part of the step's (Hugging Face normalises each
+        # micro-batch by the tokens of the whole accumulated batch), so the step's loss is the
+        # sum of what was backpropagated, as the framework itself reports it.
+        self._loss_from_backward = loss_from == "backward"
         self._loss_logged = False
         # A sentinel, its `.grad` (weakly: a cleared gradient must be freed), the gradient's
         # version and the sentinel's own, right after the last update, until the next
@@ -414,7 +422,7 @@ class Run:
         self._flush()  # a training step begins: the last one's record is complete
         if self.optimizer is None and self._detail_next() and self._measure.refresh():
             self._hook_grads()  # before the backward, whose gradients the hook passes
-        loss = _loss_of(output)
+        loss = None if self._loss_from_backward else _loss_of(output)
         if loss is not None and len(self._losses) < 1024:
             self._losses.append(loss.detach())
 
@@ -459,12 +467,15 @@ class Run:
 
     def _backward_loss(self, device: torch.device) -> torch.Tensor:
         """The sum of the losses backpropagated since the last record (the user divides by
-        the accumulation steps, or the gradients are that sum too), unscaled."""
-        total = torch.stack([t.to(device, torch.float32, non_blocking=True) for t in self._backward_losses]).sum()
+        the accumulation steps, or the gradients are that sum too)."""
+        return torch.stack([t.to(device, torch.float32, non_blocking=True) for t in self._backward_losses]).sum()
+
+    def _unscaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """A backpropagated loss without GradScaler's factor, divided now: `scaler.update()`
+        changes the scale in place before the record is sent."""
         scale = getattr(self.scaler, "_scale", None)
-        if isinstance(scale, torch.Tensor):
-            total = total / scale.to(device, torch.float32, non_blocking=True)
-        return total
+        loss = loss.detach()
+        return loss / scale.to(loss.device, non_blocking=True) if isinstance(scale, torch.Tensor) else loss
 
     def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
         """`loss.backward()` is about to run: note where the gradients of a few of this
@@ -494,9 +505,13 @@ class Run:
             return
         if not before:
             return  # nothing to attribute (see before_backward)
-        reached = any(_grad_state(p) != state for p, state in zip(self._sentinels(), before))
-        if reached and len(self._backward_losses) < 1024:
-            self._backward_losses.append(candidate.detach())
+        if not any(_grad_state(p) != state for p, state in zip(self._sentinels(), before)):
+            return
+        # A step whose forward the probe does not see (Lightning calls `training_step`, not the
+        # module) begins at its first backward: the last step's record is complete.
+        self._flush()
+        if len(self._backward_losses) < 1024:
+            self._backward_losses.append(self._unscaled(candidate))
 
     def _note_gradients(self) -> None:
         """After an update (the optimizer's step, or without one each backward): where a
@@ -537,7 +552,7 @@ class Run:
         meta = self._new_meta(detail, with_updates=False)
         meta.present = self._measure.grads(vec, list(grads))
         if self._backward_candidate is not None:
-            self._backward_losses = [self._backward_candidate.detach()]
+            self._backward_losses = [self._unscaled(self._backward_candidate)]
         if detail:
             self._measure.weights_and_updates(vec, with_updates=False)
         self._emit(vec, meta)
