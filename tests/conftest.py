@@ -162,3 +162,9 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]
 def collector(start_collector: Callable[..., CollectorProcess]) -> CollectorProcess:
     """A collector subprocess with the test defaults (no token, no actions policy)."""
     return start_collector()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Path:
+    """Where a probe writes its offline spool (`url=f"file:{spool}"`)."""
+    return tmp_path / "spool.jsonl"

@@ -26,11 +26,6 @@ from tests.probe_helpers import (
 )
 
 
-@pytest.fixture
-def spool(tmp_path: Path) -> Path:
-    return tmp_path / "spool.jsonl"
-
-
 def attach(model, optimizer, spool: Path, **kw):
     return gradwatch.attach(model, optimizer, url=f"file:{spool}", name="test-run", **kw)
 
@@ -797,3 +792,17 @@ def test_a_collector_address_that_cannot_work_is_said_once_at_attach(
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "ws://HOST:8765" in warnings[0]
     assert isinstance(run, gradwatch.probe.DisabledRun)
+
+
+@pytest.mark.parametrize(
+    "model, says",
+    [(torch.nn.ReLU(), "has no parameters"), (object(), "is not a torch.nn.Module")],
+    ids=["a model with no parameters", "not a module"],
+)
+def test_a_model_the_probe_cannot_measure_is_said_once(caplog: pytest.LogCaptureFixture, spool: Path,
+                                                        model: Any, says: str) -> None:
+    with caplog.at_level("WARNING", logger="gradwatch.probe"):
+        run = gradwatch.attach(model, url=f"file:{spool}", name="unmeasurable")
+    assert isinstance(run, gradwatch.probe.DisabledRun)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and says in warnings[0] and "attach the module that trains" in warnings[0]

@@ -233,6 +233,12 @@ class Run:
         self._detached = False
         self._lock = threading.Lock()
 
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model of type {type(model).__name__} is not a torch.nn.Module: pass the module that "
+                            "trains (the one whose parameters the optimizer updates)")
+        if next(iter(model.parameters()), None) is None:
+            raise ValueError(f"model {type(model).__name__} has no parameters, so there is nothing to measure: "
+                             "attach the module that trains, after it is built")
         self.model = model
         optimizer, wrapper_scaler = unwrap_optimizer(optimizer)
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
