@@ -805,4 +805,4 @@ def test_a_model_the_probe_cannot_measure_is_said_once(caplog: pytest.LogCapture
         run = gradwatch.attach(model, url=f"file:{spool}", name="unmeasurable")
     assert isinstance(run, gradwatch.probe.DisabledRun)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and says in warnings[0] and "attach the module that trains" in warnings[0]
+    assert len(warnings) == 1 and says in warnings[0] and "the module that trains" in warnings[0]
