@@ -4,6 +4,7 @@ must be the same with and without it; DDP on the CPU gives one rank per process.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -67,10 +68,10 @@ def _loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader
 
 
 def _trainer(pl: Any, tmp_path: Path, callbacks: list[Any], **options: Any) -> Any:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path),
-    )
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "default_root_dir": str(tmp_path),
+    }
     return pl.Trainer(callbacks=callbacks, **{**defaults, **options})
 
 
@@ -92,7 +93,7 @@ def _reference_norms(pl: Any) -> Any:
 def test_records_agree_with_lightning_under_accumulation_and_clipping(tmp_path: Path, package: str) -> None:
     pl, GradwatchCallback = _package(package)
     spool = tmp_path / "spool.jsonl"
-    options = dict(max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=0.5)  # sanity check on (default)
+    options = {"max_epochs": 2, "accumulate_grad_batches": 2, "gradient_clip_val": 0.5}  # sanity check on (default)
     reference = _module(pl)
     _trainer(pl, tmp_path, [], **options).fit(reference, *_loaders())
     module, norms = _module(pl), _reference_norms(pl)
@@ -141,7 +142,7 @@ def test_ddp_on_the_cpu_gives_one_rank_per_process(tmp_path: Path) -> None:
     env = {**os.environ, "GRADWATCH_URL": f"file:{spool}", "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, str(REPO / "examples" / "lightning_train.py"), "--devices", "2", "--epochs", "2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     spools = [read_spool(spool.with_name(f"{spool.name}.rank{rank}")) for rank in (0, 1)]
@@ -153,3 +154,37 @@ def test_ddp_on_the_cpu_gives_one_rank_per_process(tmp_path: Path) -> None:
         assert all(r.loss is not None and r.grad_norm_preclip is not None for r in records)
         assert [r.step for r in records if "val_loss" in r.scalars] == [8, 16]
         assert others[-1].status == "finished"
+
+
+def test_steps_the_precision_plugins_grad_scaler_skips_are_recorded_as_skipped(tmp_path: Path) -> None:
+    """`precision="16-mixed"` on a GPU; on the CPU the same plugin is given its GradScaler."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gradwatch.integrations.lightning import GradwatchCallback
+
+    class Poisoned(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            if batch_idx == 3:
+                x = x.clone()
+                x[0, 0] = math.inf
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    spool = tmp_path / "spool.jsonl"
+    precision = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    trainer = _trainer(pl, tmp_path, [GradwatchCallback(url=f"file:{spool}", name="pl-amp")], max_epochs=1,
+                       plugins=[precision])
+    trainer.fit(Poisoned(), _loaders()[0])
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == list(range(1, 13)) and trainer.global_step == 12
+    assert [r.step for r in records if r.skipped] == [4]
+    assert [r.loss_scale for r in records[2:5]] == [1024.0, 1024.0, 512.0]
+    assert all(r.loss < 100 for r in records if not r.skipped)  # unscaled

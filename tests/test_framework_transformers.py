@@ -14,7 +14,7 @@ from gradwatch import protocol
 from tests.probe_helpers import read_spool
 
 transformers = pytest.importorskip("transformers")
-from gradwatch.integrations.transformers import GradwatchCallback  # noqa: E402
+from gradwatch.integrations.transformers import GradwatchCallback
 
 
 class Sequences(torch.utils.data.Dataset):
@@ -70,10 +70,10 @@ def _gpt2() -> torch.nn.Module:
 
 
 def _trainer(tmp_path: Path, model: torch.nn.Module, train: Any, callbacks: list[Any], **args: Any) -> Any:
-    defaults: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
-    )
+    defaults: dict[str, Any] = {
+        "output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+        "report_to": "none", "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "seed": 0,
+    }
     return transformers.Trainer(
         model=model, args=transformers.TrainingArguments(**{**defaults, **args}), train_dataset=train,
         eval_dataset=Sequences(16, seed=1) if isinstance(train, Sequences) else None, callbacks=callbacks,
@@ -87,8 +87,8 @@ def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("accumulation", [1, 2], ids=["no accumulation", "accumulation 2"])
 def test_records_agree_with_what_the_trainer_logs(tmp_path: Path, accumulation: int) -> None:
     spool = tmp_path / "spool.jsonl"
-    args = dict(gradient_accumulation_steps=accumulation, max_steps=12, logging_steps=3, eval_strategy="steps",
-                eval_steps=6, max_grad_norm=0.5)
+    args = {"gradient_accumulation_steps": accumulation, "max_steps": 12, "logging_steps": 3, "eval_strategy": "steps",
+                "eval_steps": 6, "max_grad_norm": 0.5}
     reference = _trainer(tmp_path, _gpt2(), Sequences(64), [], **args)
     reference.train()
     trainer = _trainer(tmp_path, _gpt2(), Sequences(64), [GradwatchCallback(url=f"file:{spool}", name="hf")], **args)
@@ -111,7 +111,7 @@ def test_records_agree_with_what_the_trainer_logs(tmp_path: Path, accumulation: 
     assert [e["step"] for e in evaluations] == [6, 12]  # the last one at the final step
     for entry in evaluations:
         assert by_step[entry["step"]].scalars["val_loss"] == pytest.approx(entry["eval_loss"])
-        assert not any(key.endswith("runtime") or key.endswith("per_second") for key in by_step[entry["step"]].scalars)
+        assert not any(key.endswith(("runtime", "per_second")) for key in by_step[entry["step"]].scalars)
     assert isinstance(others[-1], protocol.Bye) and others[-1].status == "finished"
 
 

@@ -75,7 +75,7 @@ def subscribe(listener: ClipListener) -> None:
         for owner, wrap in _targets():
             original = owner.__dict__["clip_grad_norm_"] if isinstance(owner, type) else owner.clip_grad_norm_
             _originals.append((owner, "clip_grad_norm_", original))
-            setattr(owner, "clip_grad_norm_", wrap(original))
+            owner.clip_grad_norm_ = wrap(original)
     _listeners.add(listener)
 
 
