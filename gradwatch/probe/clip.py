@@ -25,7 +25,7 @@ class ClipListener(Protocol):
 
 
 _listeners: weakref.WeakSet[Any] = weakref.WeakSet()
-_originals: list[tuple[object, str, Callable[..., torch.Tensor]]] = []  # (owner, attribute, original)
+_originals: list[tuple[Any, Callable[..., torch.Tensor]]] = []  # (module or class, its clip_grad_norm_)
 
 
 def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -59,8 +59,8 @@ def _wrap_method(original: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     return clip_grad_norm_
 
 
-def _targets() -> list[tuple[object, Callable[..., Any]]]:
-    targets: list[tuple[object, Callable[..., Any]]] = [
+def _targets() -> list[tuple[Any, Callable[..., Any]]]:
+    targets: list[tuple[Any, Callable[..., Any]]] = [
         (torch.nn.utils, _wrap_function),
         (torch.nn.utils.clip_grad, _wrap_function),
     ]
@@ -74,7 +74,7 @@ def subscribe(listener: ClipListener) -> None:
     if not _originals:
         for owner, wrap in _targets():
             original = owner.__dict__["clip_grad_norm_"] if isinstance(owner, type) else owner.clip_grad_norm_
-            _originals.append((owner, "clip_grad_norm_", original))
+            _originals.append((owner, original))
             owner.clip_grad_norm_ = wrap(original)
     _listeners.add(listener)
 
@@ -82,6 +82,6 @@ def subscribe(listener: ClipListener) -> None:
 def unsubscribe(listener: ClipListener) -> None:
     _listeners.discard(listener)
     if not _listeners:
-        for owner, attribute, original in _originals:
-            setattr(owner, attribute, original)
+        for owner, original in _originals:
+            owner.clip_grad_norm_ = original
         _originals.clear()

@@ -324,8 +324,9 @@ class Run:
     def log(self, **values: float | torch.Tensor) -> None:
         """Report values the probe cannot see (validation loss, accuracy, ...). A value belongs
         to the step being taken, or, logged after an optimizer step and before the next step
-        begins (its first training forward), to that step: an evaluation after step k is
-        step k's. `loss=` overrides the loss the probe finds by itself."""
+        begins (its first training forward, or its first backward), to that step: an
+        evaluation after step k is step k's. `loss=` overrides the loss the probe finds by
+        itself; logged several times in a step (once per micro-batch), their mean is the step's."""
         if self._detached:
             return
         for key, value in values.items():
