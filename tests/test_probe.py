@@ -556,6 +556,43 @@ def test_loss_computed_outside_the_model_is_read_from_backward(spool: Path, mode
             assert_close(record.loss, total)
 
 
+class _PartialLoss(torch.nn.Module):
+    """Returns each micro-batch's share of the step's loss, as Hugging Face models do under
+    accumulation (a sum over the micro-batch divided by the items of the whole step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, items: int) -> torch.Tensor:
+        return (self.net(x) - y).pow(2).sum() / items
+
+
+@pytest.mark.parametrize("through", ["the model", "a submodule"])
+def test_loss_from_backward_is_the_sum_over_the_step(spool: Path, through: str) -> None:
+    """`loss_from="backward"` (what the framework callbacks set): the step's loss is what was
+    backpropagated in it, whether the probe sees the model's forward or not (Lightning calls
+    `training_step`, so the step begins at its first backward)."""
+    model = _PartialLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", name="partial", loss_from="backward")
+    totals = []
+    for x, y in batches(4):
+        total = 0.0
+        for xs, ys in ((x[:4], y[:4]), (x[4:], y[4:])):  # uneven micro-batches
+            share = model(xs, ys, len(x)) if through == "the model" else (model.net(xs) - ys).pow(2).sum() / len(x)
+            share.backward()
+            total += float(share.detach())
+        opt.step()
+        opt.zero_grad()
+        totals.append(total)
+    run.detach()
+    _, records, _ = read_spool(spool)
+    assert [r.step for r in records] == [1, 2, 3, 4]
+    for record, total in zip(records, totals):
+        assert_close(record.loss, total)
+
+
 def test_a_logged_loss_wins_over_backward(spool: Path) -> None:
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

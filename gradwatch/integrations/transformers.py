@@ -45,7 +45,9 @@ class GradwatchCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.probe.attach(kwargs.get("model"), kwargs.get("optimizer"), name=args.run_name)
+        # transformers 4.x defaults run_name to output_dir, shared by every run of a script
+        named = args.run_name if args.run_name and args.run_name != args.output_dir else None
+        self.probe.attach(kwargs.get("model"), kwargs.get("optimizer"), name=named)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.probe.should_stop:
