@@ -12,12 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from gradwatch.errors import StopTraining
+
 if TYPE_CHECKING:
     from gradwatch.probe.run import Run
-
-
-class StopTraining(Exception):
-    """Raised by the probe at a step boundary when a `stop` action asks training to end."""
 
 
 def attach(model: Any, optimizer: Any = None, **options: Any) -> Run:

@@ -12,9 +12,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("gradwatch.demo", "run short real trainings with injected pathologies against an embedded collector"),
     "collector": ("gradwatch.collector.cli", "start the collector daemon (websocket ingest, detectors, /metrics)"),
-    "runs": ("gradwatch.collector.query:runs", "list the runs a collector knows"),
-    "alerts": ("gradwatch.collector.query:alerts", "show the alert history of a collector, optionally for one run"),
-    "ingest": ("gradwatch.collector.ingest", "replay an offline JSONL spool (GRADWATCH_URL=file:PATH) into a collector"),
+    "runs": ("gradwatch.client.query:runs", "list the runs a collector knows"),
+    "alerts": ("gradwatch.client.query:alerts", "show the alert history of a collector, optionally for one run"),
+    "ingest": ("gradwatch.client.replay", "replay an offline JSONL spool (GRADWATCH_URL=file:PATH) into a collector"),
     "dashboards": ("gradwatch.dashboards.cli", "build or push the Grafana dashboards"),
     "up": ("gradwatch.stack", "start collector + Prometheus + Alertmanager on this machine (no containers)"),
 }

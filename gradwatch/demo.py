@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from gradwatch.collector.query import Unreachable, fetch_json, format_table
+from gradwatch.client.query import Unreachable, fetch_json, format_table
 
 # The plateau runs (with and without actions) are paced to ~200 steps/s, so that the
 # collector's answer arrives while they still train, as it would for a real model.

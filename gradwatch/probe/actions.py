@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gradwatch import StopTraining, protocol
+from gradwatch import protocol
+from gradwatch.errors import StopTraining
 
 if TYPE_CHECKING:
     from gradwatch.probe.run import Run

@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Self, TypeVar, cast
 
 import torch
 
-from gradwatch import StopTraining, protocol
+from gradwatch import protocol
+from gradwatch.errors import StopTraining
 from gradwatch.probe import backward, clip
 from gradwatch.probe.actions import ActionState
 from gradwatch.probe.handoff import Handoff, Pending
