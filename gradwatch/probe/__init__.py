@@ -10,7 +10,8 @@ import logging
 import os
 from typing import Any, Self
 
-from gradwatch.probe.run import Run, unwrap_optimizer
+from gradwatch.probe.environment import unwrap_optimizer
+from gradwatch.probe.run import Run
 
 __all__ = ["Run", "attach"]
 

@@ -15,6 +15,11 @@ off, messages from the collector are ignored and training cannot be changed by t
 - ``checkpoint``: calls the ``on_checkpoint(step)`` callback given to ``attach``.
 - ``stop``: raises ``gradwatch.StopTraining`` at the next step boundary (``stop="raise"``)
   or sets ``run.should_stop`` (``stop="flag"``).
+
+`ActionState` knows nothing of the run it serves: the run asks it at each step boundary
+which actions are due (and sends the acknowledgements it returns), whether to skip the step
+(given the tensors to read), and whether to stop; `guard_step` wraps `optimizer.step` so
+that the run's boundary callable is asked first.
 """
 
 from __future__ import annotations
@@ -24,16 +29,13 @@ import logging
 import math
 import statistics
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 from gradwatch import protocol
 from gradwatch.errors import StopTraining
-
-if TYPE_CHECKING:
-    from gradwatch.probe.run import Run
 
 log = logging.getLogger("gradwatch.probe")
 
@@ -42,10 +44,10 @@ SPIKE_WINDOW = 64
 
 
 class ActionState:
-    def __init__(
-        self, run: Run, *, enabled: bool, on_checkpoint: Callable[[int], Any] | None, stop_mode: str
-    ) -> None:
-        self._run = run
+    """The actions received and what they changed: the LR factor, the armed skip guards,
+    the stop request."""
+
+    def __init__(self, *, enabled: bool, on_checkpoint: Callable[[int], Any] | None, stop_mode: str) -> None:
         self.enabled = enabled
         self._on_checkpoint = on_checkpoint
         self._stop_mode = stop_mode
@@ -56,7 +58,6 @@ class ActionState:
         self.skip_on: set[str] = set()
         self._recent_norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.stopped_reason = ""
-        self._optimizer: torch.optim.Optimizer | None = None
 
     # background thread
     def receive(self, action: protocol.Action) -> None:
@@ -65,44 +66,13 @@ class ActionState:
 
     # ---- training thread --------------------------------------------------------------
 
-    def install(self, optimizer: torch.optim.Optimizer) -> None:
-        """Wraps `optimizer.step` (instance attribute, removed at detach) so an armed
-        skip guard can skip a whole step; only with actions on."""
-        if not self.enabled:
-            return
-        self._optimizer = optimizer
-        original = optimizer.step
-
-        @functools.wraps(original)  # keeps the marks LR schedulers put on optimizer.step
-        def step(*args: Any, **kwargs: Any) -> Any:
-            try:
-                self.at_step_boundary(self._run.step)  # an arming that just arrived counts now
-                skip = bool(self.skip_on) and self._should_skip()
-            except StopTraining:
-                raise
-            except Exception:  # the guard must never be why a step fails
-                log.exception("gradwatch: the skip-step guard failed; this step is taken")
-                skip = False
-            if skip:
-                self._run._record_skipped_step()
-                return None
-            return original(*args, **kwargs)
-
-        optimizer.step = step  # type: ignore[method-assign]
-
-    def uninstall(self) -> None:
-        if self._optimizer is not None and "step" in vars(self._optimizer):
-            del self._optimizer.step
-        self._optimizer = None
-
-    def at_step_boundary(self, step: int) -> None:
-        """Applies every action due at or before `step` (the step about to be taken)."""
-        if self.should_stop_now():
-            raise StopTraining(self.stopped_reason)
-        while self._inbox and self._inbox[0].step <= step + 1:
-            self._apply(self._inbox.popleft(), step + 1)
-        if self.should_stop_now():
-            raise StopTraining(self.stopped_reason)
+    def apply_due(self, step: int) -> list[protocol.Ack]:
+        """Applies every action due at or before `step` (the step about to be taken); returns
+        their acknowledgements, for the collector."""
+        acks = []
+        while self._inbox and self._inbox[0].step <= step:
+            acks.append(self._apply(self._inbox.popleft(), step))
+        return acks
 
     def guard_pending(self, on: str) -> bool:
         """The skip guard for `on` is armed, or its arming waits for the next step."""
@@ -111,6 +81,7 @@ class ActionState:
         )
 
     def should_stop_now(self) -> bool:
+        """A stop was applied and the run raises `StopTraining` for it (``stop="raise"``)."""
         return bool(self.stopped_reason) and self._stop_mode == "raise"
 
     def scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
@@ -129,17 +100,14 @@ class ActionState:
             group["lr"] = lr
         self._saved_lr = None
 
-    def _apply(self, action: protocol.Action, step: int) -> None:
+    def _apply(self, action: protocol.Action, step: int) -> protocol.Ack:
         try:
             outcome, reason = self._dispatch(action, step)
-        except StopTraining:
-            raise
-        except Exception as err:  # noqa: BLE001 - a user callback (checkpoint) may fail in any way
+        except Exception as err:  # a user callback (checkpoint) may fail in any way
+            log.exception("gradwatch: action %s at step %d failed", action.kind, step)
             outcome, reason = "refused", f"{type(err).__name__}: {err}"
         log.warning("gradwatch: action %s at step %d: %s%s", action.kind, step, outcome, f" ({reason})" if reason else "")
-        self._run._transport.submit(
-            protocol.Ack(id=action.id, kind=action.kind, step=step, outcome=outcome, reason=reason[:500])
-        )
+        return protocol.Ack(id=action.id, kind=action.kind, step=step, outcome=outcome, reason=reason[:500])
 
     def _dispatch(self, action: protocol.Action, step: int) -> tuple[str, str]:
         params = action.params
@@ -160,13 +128,16 @@ class ActionState:
             self._on_checkpoint(step)
             return "applied", ""
         if action.kind == "stop":
-            self._run.should_stop = True
             self.stopped_reason = action.reason or "stopped by the collector"
             return "applied", self.stopped_reason
         return "refused", f"unknown action {action.kind}"
 
-    def _should_skip(self) -> bool:
-        grads = [p.grad for p in self._run._layers.params if p.grad is not None]
+    def should_skip(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether an armed guard skips the step about to be taken with these tensors'
+        gradients. Reads their norm on the host: one device sync, only while armed."""
+        if not self.skip_on:
+            return False
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return False
         norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))))
@@ -180,3 +151,29 @@ class ActionState:
         if not spike:
             self._recent_norms.append(norm)
         return spike
+
+
+def guard_step(optimizer: torch.optim.Optimizer, at_boundary: Callable[[], bool]) -> Callable[[], None]:
+    """Wraps `optimizer.step` (an instance attribute) so that `at_boundary()` runs before each
+    step and the step is skipped when it returns True; returns the function that unwraps it.
+    `StopTraining` from the boundary propagates; any other failure takes the step."""
+    original = optimizer.step
+
+    @functools.wraps(original)  # keeps the marks LR schedulers put on optimizer.step
+    def step(*args: Any, **kwargs: Any) -> Any:
+        try:
+            skip = at_boundary()
+        except StopTraining:
+            raise
+        except Exception:  # the guard must never be why a step fails
+            log.exception("gradwatch: the action step guard failed; this step is taken")
+            skip = False
+        return None if skip else original(*args, **kwargs)
+
+    optimizer.step = step  # type: ignore[method-assign]
+
+    def unwrap() -> None:
+        if vars(optimizer).get("step") is step:
+            del optimizer.step
+
+    return unwrap

@@ -23,27 +23,35 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import math
 import os
-import re
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, Self, TypeVar, cast
+from typing import Any, ClassVar, Self, TypeVar
 
 import torch
 
 from gradwatch import protocol
 from gradwatch.errors import StopTraining
 from gradwatch.probe import backward, clip
-from gradwatch.probe.actions import ActionState
-from gradwatch.probe.handoff import Handoff, Pending
+from gradwatch.probe.actions import ActionState, guard_step
+from gradwatch.probe.clearing import ClearingCheck
+from gradwatch.probe.environment import (
+    checked_url,
+    default_run_name,
+    distributed,
+    is_sharded,
+    protocol_safe,
+    unwrap_optimizer,
+)
+from gradwatch.probe.handoff import Handoff
 from gradwatch.probe.layers import LayerMap, LayerSpec
+from gradwatch.probe.loss import StepLoss, grad_state
 from gradwatch.probe.measure import Measurer
+from gradwatch.probe.record import Recorder, StepMeta
 from gradwatch.probe.transport import Transport
 
 log = logging.getLogger("gradwatch.probe")
@@ -67,126 +75,6 @@ def _hook(method: F) -> F:
             log.exception("gradwatch: the probe hit an internal error and switched itself off; training continues")
 
     return torch.compiler.disable(guarded)  # type: ignore[return-value]
-
-
-@dataclass
-class _StepMeta:
-    """Host-side facts of a step, known without reading the device."""
-
-    step: int
-    time: float
-    step_time: float | None
-    detail: bool
-    with_updates: bool
-    present: set[int]  # ids of the layers that had a gradient
-    frozen: tuple[int, ...] = ()  # ids of the frozen layers, on detail steps
-    grads_after_step: bool = False  # a closure (LBFGS) computes them inside step
-    skipped: bool = False
-    grads_kept: bool = False
-    has_loss: bool = False
-    has_scale: bool = False
-    has_preclip: bool = False
-    has_found_inf: bool = False
-    lr: list[float] = field(default_factory=list)
-    momentum: list[float | None] = field(default_factory=list)
-    weight_decay: list[float | None] = field(default_factory=list)
-    scalars: dict[str, Any] = field(default_factory=dict)
-
-
-def _to_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        return float(value.detach().float().reshape(-1)[0]) if value.numel() else None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _checked_url(url: str) -> str:
-    """The collector address, refused at once when it cannot work (retrying it as if the
-    collector were down would only drop the whole run, step by step, to the same mistake)."""
-    if url.startswith("file:"):
-        return url
-    if "://" not in url:
-        return f"ws://{url}"  # host:port, as users type it
-    scheme = url.split("://", 1)[0].lower()
-    if scheme in ("ws", "wss"):
-        return url
-    if scheme in ("http", "https"):
-        raise ValueError(
-            f"GRADWATCH_URL / url={url!r} is an HTTP address (the collector's --http-port, for /metrics "
-            f"and queries); the probe streams to its websocket port: ws://HOST:8765 (--port), or file:PATH"
-        )
-    raise ValueError(f"url={url!r} is not a collector address: use ws://HOST:8765 (wss:// with TLS) or file:PATH")
-
-
-def unwrap_optimizer(optimizer: Any) -> tuple[Any, Any]:
-    """The optimizer inside any wrappers, and the GradScaler of the outermost wrapper that has one.
-
-    Wrappers (Accelerate's `AcceleratedOptimizer`, Lightning's and DeepSpeed's) keep the real
-    optimizer at `.optimizer`; some subclass `Optimizer` without initialising it, so its hook
-    registries are missing and hooks must go on the inner one, which every step reaches."""
-    scaler = None
-    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        scaler = scaler or getattr(optimizer, "scaler", None)
-        optimizer = optimizer.optimizer
-    return optimizer, scaler
-
-
-def _grad_state(p: torch.Tensor) -> tuple[int, int]:
-    """Changes whenever a backward writes p's gradient: a new `.grad` tensor, or an in-place
-    accumulation into the old one (which bumps its version counter)."""
-    grad = p.grad
-    return (0, 0) if grad is None else (id(grad), grad._version)
-
-
-def _loss_of(output: Any) -> torch.Tensor | None:
-    """The training loss inside a forward's output: a 0-dim tensor, a tuple holding one,
-    or a dict / ModelOutput with a `loss`."""
-    if isinstance(output, torch.Tensor):
-        return output if output.ndim == 0 and output.is_floating_point() else None
-    if isinstance(output, Mapping):
-        return _loss_of(output.get("loss"))
-    loss = getattr(output, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return _loss_of(loss)
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            if isinstance(item, torch.Tensor) and item.ndim == 0 and item.is_floating_point():
-                return item
-    return None
-
-
-def _default_run_name() -> str:
-    import __main__
-
-    stem = os.path.splitext(os.path.basename(getattr(__main__, "__file__", "") or "python"))[0] or "run"
-    # All ranks of a distributed job must pick the same name without talking to each other.
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    if job and job != "none":
-        return protocol_safe(f"{stem}-{job}")
-    if "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return protocol_safe(f"{stem}-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}")
-    return protocol_safe(f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-
-
-def protocol_safe(name: str) -> str:
-    """`name` made acceptable as a run name (see protocol.RUN_NAME_PATTERN)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._:@+-]", "-", name).lstrip("._:@+-")
-    return (cleaned or "run")[:128]
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    placements = getattr(t, "placements", None)
-    return placements is not None and any(p.is_shard() for p in placements)
 
 
 class Run:
@@ -225,10 +113,9 @@ class Run:
                              "or 'backward' (the sum of the losses backpropagated for the step)")
         if stop not in ("raise", "flag"):
             raise ValueError(f"stop={stop!r}: use 'raise' (StopTraining at the next step) or 'flag' (run.should_stop)")
-        self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or _default_run_name())
-        self.url = _checked_url(url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765")
+        self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or default_run_name())
+        self.url = checked_url(url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765")
         self.every = every
-        self.should_stop = False
         self.enabled = True
         self._broken = False
         self._detached = False
@@ -250,8 +137,8 @@ class Run:
         self.optimizer = optimizer
         scaler = scaler if scaler is not None else wrapper_scaler
         self.scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
-        self.rank, self.world_size = _distributed()
-        self.sharded = any(_is_sharded(p) for p in model.parameters())
+        self.rank, self.world_size = distributed()
+        self.sharded = any(is_sharded(p) for p in model.parameters())
         self._layers = LayerMap(model, layers, contributes=self._contributes)
         self._param_ids = {id(p) for p in model.parameters()}
         first = next(iter(model.parameters()), None)
@@ -260,31 +147,14 @@ class Run:
         self._handoff = Handoff(self._measure.layout.length, self._measure.dtype, home)
         self._update_ratio = update_ratio
 
-        self.step = 0  # optimizer steps recorded so far
-        self._last_record = time.perf_counter()
-        self._losses: list[torch.Tensor | float] = []
-        self._logged_losses: list[torch.Tensor | float] = []
-        # Losses that `backward()` was called on and that reached this run's parameters:
-        # the loss of scripts that compute it outside the model (see probe/backward.py).
-        self._backward_losses: list[torch.Tensor] = []
-        self._backward_candidate: torch.Tensor | None = None
-        # 'backward': the model's own loss is a part of the step's (Hugging Face normalises each
-        # micro-batch by the tokens of the whole accumulated batch), so the step's loss is the
-        # sum of what was backpropagated, as the framework itself reports it.
-        self._loss_from_backward = loss_from == "backward"
-        self._loss_logged = False
-        # A sentinel, its `.grad` (weakly: a cleared gradient must be freed), the gradient's
-        # version and the sentinel's own, right after the last update, until the next
-        # backward checks whether anything cleared the gradient (zero_grad) in between.
-        self._grad_after_step: tuple[torch.Tensor, weakref.ref[torch.Tensor], int, int] | None = None
-        self._grads_kept = False
-        self._unsent: tuple[torch.Tensor, _StepMeta] | None = None  # sealed, waiting for its step's end
-        self._scalars: dict[str, Any] = {}
-        self._preclip: torch.Tensor | None = None
+        self._loss = StepLoss(from_backward=loss_from == "backward", scaler=self.scaler)
+        self._backward_candidate: torch.Tensor | None = None  # between before_ and after_backward
+        self._clearing = ClearingCheck(with_optimizer=optimizer is not None)
         self._stepped_since_update = False
-        self._pending: tuple[torch.Tensor, _StepMeta] | None = None
+        self._pending: tuple[torch.Tensor, StepMeta] | None = None
 
-        self._actions = ActionState(self, enabled=actions, on_checkpoint=on_checkpoint, stop_mode=stop)
+        self._actions = ActionState(enabled=actions, on_checkpoint=on_checkpoint, stop_mode=stop)
+        self._unguard_step: Callable[[], None] | None = None
         hello = protocol.Hello(
             v=protocol.PROTOCOL_VERSION,
             run=self.name,
@@ -307,6 +177,8 @@ class Run:
             token=token or os.environ.get("GRADWATCH_TOKEN"),
             max_records=buffer,
         )
+        self._recorder = Recorder(self._measure, self._handoff, self._transport, self._loss, self._clearing,
+                                  self.scaler)
         self._handles: list[Any] = []
         self._grad_hook: Any = None  # the gradient hook of a run without an optimizer
         self._install_hooks(loss_fn)
@@ -332,12 +204,9 @@ class Run:
             return
         for key, value in values.items():
             if key == "loss":
-                self._loss_logged = True  # the user reports the loss: backward() is not read
-                self._logged_losses.append(value.detach() if isinstance(value, torch.Tensor) else float(value))
-            elif len(self._scalars) < protocol.MAX_SCALARS or key in self._scalars:
-                self._scalars[protocol_safe(key).replace("-", "_")] = (
-                    value.detach() if isinstance(value, torch.Tensor) else value
-                )
+                self._loss.logged(value)
+            else:
+                self._recorder.log_scalar(protocol_safe(key).replace("-", "_"), value)
 
     def detach(self, status: str = "finished", reason: str = "") -> None:
         """Flush, unhook, say goodbye to the collector. Idempotent; also runs at exit."""
@@ -351,7 +220,9 @@ class Run:
                 handle.remove()
         self._handles.clear()
         self._grad_hook = None
-        self._actions.uninstall()
+        if self._unguard_step is not None:
+            self._unguard_step()
+            self._unguard_step = None
         if self.scaler is not None and "update" in vars(self.scaler):
             del self.scaler.update
         clip.unsubscribe(self)
@@ -361,7 +232,7 @@ class Run:
             status, reason = "stopped", self._actions.stopped_reason
         if not self._broken:
             try:
-                self._flush()  # the last step's record, with what was logged after it
+                self._recorder.flush()  # the last step's record, with what was logged after it
             except Exception:  # the probe's own failure must never fail the caller
                 log.exception("gradwatch: sending the last record failed")
         self._transport.close(status=status, reason=reason)
@@ -383,6 +254,31 @@ class Run:
     def dropped(self) -> int:
         return self._transport.dropped
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps recorded so far."""
+        return self._recorder.step
+
+    @property
+    def should_stop(self) -> bool:
+        """The collector's `stop` action was applied (with ``stop="flag"``, the loop's cue)."""
+        return bool(self._actions.stopped_reason)
+
+    def _step_boundary(self) -> bool:
+        """Before each optimizer step, with actions on: applies the actions due (acknowledged
+        to the collector), raises `StopTraining` for a stop (``stop="raise"``), and says
+        whether an armed guard skips this step (then recorded as skipped)."""
+        if self._actions.should_stop_now():
+            raise StopTraining(self._actions.stopped_reason)
+        for ack in self._actions.apply_due(self.step + 1):
+            self._transport.submit(ack)
+        if self._actions.should_stop_now():
+            raise StopTraining(self._actions.stopped_reason)
+        if self._actions.should_skip(self._layers.params):
+            self._record_skipped_step()
+            return True
+        return False
+
     # ---- hooks ------------------------------------------------------------------------
 
     def _install_hooks(self, loss_fn: torch.nn.Module | None) -> None:
@@ -391,7 +287,8 @@ class Run:
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
-            self._actions.install(self.optimizer)
+            if self._actions.enabled:
+                self._unguard_step = guard_step(self.optimizer, self._step_boundary)
         else:
             self._hook_grads()
         if self.scaler is not None:
@@ -417,26 +314,24 @@ class Run:
     def _contributes(self, p: torch.Tensor) -> bool:
         # Sharded runs sum partial squares over ranks: a tensor replicated on every rank
         # is counted on rank 0 only.
-        return not self.sharded or _is_sharded(p) or self.rank == 0
+        return not self.sharded or is_sharded(p) or self.rank == 0
 
     def on_clip(self, params: list[torch.Tensor], total_norm: torch.Tensor) -> None:
         if params and id(params[0]) in self._param_ids:
-            self._preclip = total_norm.detach()
+            self._recorder.preclip = total_norm.detach()
 
     @_hook
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not torch.is_grad_enabled() or not self.model.training:
             return  # an evaluation: what is logged around it still belongs to the last step
-        self._flush()  # a training step begins: the last one's record is complete
+        self._recorder.flush()  # a training step begins: the last one's record is complete
         if self.optimizer is None and self._detail_next() and self._measure.refresh():
             self._hook_grads()  # before the backward, whose gradients the hook passes
-        loss = None if self._loss_from_backward else _loss_of(output)
-        if loss is not None and len(self._losses) < 1024:
-            self._losses.append(loss.detach())
+        self._loss.returned(output)
 
     @_hook
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._flush()  # in case no training forward announced this step
+        self._recorder.flush()  # in case no training forward announced this step
         self._actions.scale_lr(optimizer)
         detail = self._detail_next()
         if detail:
@@ -470,20 +365,8 @@ class Run:
         if meta.detail:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
-        self._emit(vec, meta)
-        self._note_gradients()
-
-    def _backward_loss(self, device: torch.device) -> torch.Tensor:
-        """The sum of the losses backpropagated since the last record (the user divides by
-        the accumulation steps, or the gradients are that sum too)."""
-        return torch.stack([t.to(device, torch.float32, non_blocking=True) for t in self._backward_losses]).sum()
-
-    def _unscaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """A backpropagated loss without GradScaler's factor, divided now: `scaler.update()`
-        changes the scale in place before the record is sent."""
-        scale = getattr(self.scaler, "_scale", None)
-        loss = loss.detach()
-        return loss / scale.to(loss.device, non_blocking=True) if isinstance(scale, torch.Tensor) else loss
+        self._recorder.seal(vec, meta)
+        self._clearing.after_update(next(iter(self._sentinels()), None))
 
     def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
         """`loss.backward()` is about to run: note where the gradients of a few of this
@@ -491,17 +374,10 @@ class Run:
         if self._broken or not self.enabled or self._detached:
             return None
         self._backward_candidate = loss  # detached only if kept: most of the cost here
-        if self._grad_after_step is not None:  # the first backward since the last step
-            param, grad, version, param_version = self._grad_after_step
-            self._grad_after_step = None
-            # Without an optimizer the snapshot is taken after each backward: the weights must
-            # have moved since (a hand-written update), or this is deliberate accumulation.
-            updated = self.optimizer is not None or param._version != param_version
-            self._grads_kept = updated and param.grad is not None and param.grad is grad() \
-                and param.grad._version == version
-        if self._loss_logged or self._losses:
+        self._clearing.before_backward()
+        if not self._loss.reads_backward:
             return ()  # the loss is logged or returned by the model: backward() is not read
-        return tuple(_grad_state(p) for p in self._sentinels())
+        return tuple(grad_state(p) for p in self._sentinels())
 
     def after_backward(self, loss: torch.Tensor, before: tuple[tuple[int, int], ...] | None) -> None:
         """Keep the loss if this backward wrote a gradient of this run's tensors."""
@@ -509,25 +385,16 @@ class Run:
         if before is None or candidate is None:
             return
         if self.optimizer is None:  # the gradient hook took the loss during the backward
-            self._note_gradients()
+            self._clearing.after_update(next(iter(self._sentinels()), None))
             return
         if not before:
             return  # nothing to attribute (see before_backward)
-        if not any(_grad_state(p) != state for p, state in zip(self._sentinels(), before)):
+        if not any(grad_state(p) != state for p, state in zip(self._sentinels(), before)):
             return
         # A step whose forward the probe does not see (Lightning calls `training_step`, not the
         # module) begins at its first backward: the last step's record is complete.
-        self._flush()
-        if len(self._backward_losses) < 1024:
-            self._backward_losses.append(self._unscaled(candidate))
-
-    def _note_gradients(self) -> None:
-        """After an update (the optimizer's step, or without one each backward): where a
-        sentinel's gradient stands, for the next backward to tell whether it was cleared."""
-        sentinels = self._sentinels()
-        grad = sentinels[0].grad if sentinels else None
-        if grad is not None:
-            self._grad_after_step = (sentinels[0], weakref.ref(grad), grad._version, sentinels[0]._version)
+        self._recorder.flush()
+        self._loss.backpropagated(candidate)
 
     def _sentinels(self) -> tuple[torch.Tensor, ...]:
         """The first and last measured tensors: one of them takes a gradient in any
@@ -549,7 +416,7 @@ class Run:
         meta.skipped = True
         self._measure_grads(vec, meta)
         self._stepped_since_update = True
-        self._emit(vec, meta)
+        self._recorder.seal(vec, meta)
 
     @_hook
     def _on_backward(self, grads: Any) -> None:
@@ -560,10 +427,10 @@ class Run:
         meta = self._new_meta(detail, with_updates=False)
         meta.present = self._measure.grads(vec, list(grads))
         if self._backward_candidate is not None:
-            self._backward_losses = [self._unscaled(self._backward_candidate)]
+            self._loss.backpropagated_alone(self._backward_candidate)
         if detail:
             self._measure.weights_and_updates(vec, with_updates=False)
-        self._emit(vec, meta)
+        self._recorder.seal(vec, meta)
 
     # ---- building a record --------------------------------------------------------------
 
@@ -571,106 +438,9 @@ class Run:
         """Whether the next record carries per-layer detail."""
         return self.step % self.every == 0
 
-    def _new_meta(self, detail: bool, with_updates: bool) -> _StepMeta:
-        now = time.perf_counter()
-        meta = _StepMeta(
-            step=self.step + 1,
-            time=time.time(),
-            step_time=now - self._last_record if self.step else None,
-            detail=detail,
-            with_updates=with_updates,
-            present=set(),
-            frozen=self._layers.frozen if detail else (),
-        )
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                meta.lr.append(_to_float(group.get("lr")) or 0.0)
-                betas = group.get("betas")
-                meta.momentum.append(_to_float(group.get("momentum", betas[0] if betas else None)))
-                meta.weight_decay.append(_to_float(group.get("weight_decay")))
-        return meta
+    def _new_meta(self, detail: bool, with_updates: bool) -> StepMeta:
+        frozen = self._layers.frozen if detail else ()
+        return self._recorder.new_meta(detail, with_updates, frozen, self.optimizer)
 
-    def _measure_grads(self, vec: torch.Tensor, meta: _StepMeta) -> None:
+    def _measure_grads(self, vec: torch.Tensor, meta: StepMeta) -> None:
         meta.present = self._measure.grads(vec)
-
-    def _emit(self, vec: torch.Tensor, meta: _StepMeta) -> None:
-        """Seal the record of the step just taken. It is sent when the next step begins (its
-        first training forward, or its optimizer step) or at detach: values logged after
-        this step, before the next, belong to it (an evaluation, a pre-clip norm computed
-        after the backward of a model updated by hand)."""
-        self._flush()  # a record still waiting goes first
-        if self.scaler is not None and isinstance(getattr(self.scaler, "_scale", None), torch.Tensor):
-            self._measure.set_extra(vec, "loss_scale", self.scaler._scale)  # before scaler.update
-            meta.has_scale = True
-        meta.grads_kept, self._grads_kept = self._grads_kept, False
-        self.step += 1
-        self._last_record = time.perf_counter()
-        self._unsent = (vec, meta)
-
-    def _flush(self) -> None:
-        """Send the sealed record with what was logged for its step."""
-        if self._unsent is None:
-            return
-        vec, meta = self._unsent
-        self._unsent = None
-        losses = self._logged_losses or self._losses
-        if losses:
-            tensors = [torch.as_tensor(x, dtype=torch.float32).to(vec.device, non_blocking=True) for x in losses]
-            self._measure.set_extra(vec, "loss", torch.stack([t.reshape(()) for t in tensors]).mean())
-            meta.has_loss = True
-        elif self._backward_losses and not self._loss_logged:
-            self._measure.set_extra(vec, "loss", self._backward_loss(vec.device))
-            meta.has_loss = True
-        self._losses, self._logged_losses, self._backward_losses = [], [], []
-        if self._preclip is not None:
-            self._measure.set_extra(vec, "preclip_norm", self._preclip)
-            meta.has_preclip = True
-            self._preclip = None
-        meta.scalars, self._scalars = self._scalars, {}
-        if self._transport.backlog_full():
-            self._transport.count_drop()
-            return
-        pending = self._handoff.put(vec)
-        if pending is None:
-            self._transport.count_drop()
-            return
-        self._transport.submit(functools.partial(self._to_record, meta, pending))
-
-    def _to_record(self, meta: _StepMeta, pending: Pending) -> protocol.StepRecord:
-        """Background thread: read the packed vector and build the wire record."""
-        values = self._handoff.read(pending)
-        layout = self._measure.layout
-        grad_sq = values[layout.grad()]
-        layer_grad_sq = [v if i in meta.present else None for i, v in enumerate(grad_sq)]
-        weight_sq = _unmeasured(values[layout.weight()], meta.frozen) if meta.detail else None
-        update_sq = _unmeasured(values[layout.update()], meta.frozen) if meta.with_updates else None
-        found_inf = meta.has_found_inf and values[layout.extra("found_inf")] > 0
-        return protocol.StepRecord(
-            step=meta.step,
-            time=meta.time,
-            step_time=meta.step_time,
-            loss=values[layout.extra("loss")] if meta.has_loss else None,
-            grad_norm_sq=sum(v for v in layer_grad_sq if v is not None) if meta.present else None,
-            grad_norm_preclip=values[layout.extra("preclip_norm")] if meta.has_preclip else None,
-            nonfinite_layers=sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v)),
-            skipped=meta.skipped or found_inf,
-            grads_kept=meta.grads_kept,
-            loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
-            lr=meta.lr,
-            momentum=meta.momentum,
-            weight_decay=meta.weight_decay,
-            scalars={k: v for k, v in ((k, _to_float(v)) for k, v in meta.scalars.items()) if v is not None},
-            layer_grad_sq=layer_grad_sq if meta.detail else None,
-            layer_weight_sq=weight_sq,
-            layer_update_sq=update_sq,
-            layer_frozen=list(meta.frozen) if meta.detail else None,
-        )
-
-
-def _unmeasured(values: list[float], frozen: tuple[int, ...]) -> list[float | None]:
-    """Per-layer values (a fresh slice, edited in place) with None for the frozen layers,
-    which the probe does not measure."""
-    out = cast(list[float | None], values)
-    for i in frozen:
-        out[i] = None
-    return out

@@ -1,0 +1,74 @@
+"""Where a run lives: its name, its collector's address, its rank, the optimizer inside any
+wrappers. Read once, at attach."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+import torch
+
+
+def checked_url(url: str) -> str:
+    """The collector address, refused at once when it cannot work (retrying it as if the
+    collector were down would only drop the whole run, step by step, to the same mistake)."""
+    if url.startswith("file:"):
+        return url
+    if "://" not in url:
+        return f"ws://{url}"  # host:port, as users type it
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("ws", "wss"):
+        return url
+    if scheme in ("http", "https"):
+        raise ValueError(
+            f"GRADWATCH_URL / url={url!r} is an HTTP address (the collector's --http-port, for /metrics "
+            f"and queries); the probe streams to its websocket port: ws://HOST:8765 (--port), or file:PATH"
+        )
+    raise ValueError(f"url={url!r} is not a collector address: use ws://HOST:8765 (wss:// with TLS) or file:PATH")
+
+
+def unwrap_optimizer(optimizer: Any) -> tuple[Any, Any]:
+    """The optimizer inside any wrappers, and the GradScaler of the outermost wrapper that has one.
+
+    Wrappers (Accelerate's `AcceleratedOptimizer`, Lightning's and DeepSpeed's) keep the real
+    optimizer at `.optimizer`; some subclass `Optimizer` without initialising it, so its hook
+    registries are missing and hooks must go on the inner one, which every step reaches."""
+    scaler = None
+    while optimizer is not None and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        scaler = scaler or getattr(optimizer, "scaler", None)
+        optimizer = optimizer.optimizer
+    return optimizer, scaler
+
+
+def default_run_name() -> str:
+    import __main__
+
+    stem = os.path.splitext(os.path.basename(getattr(__main__, "__file__", "") or "python"))[0] or "run"
+    # All ranks of a distributed job must pick the same name without talking to each other.
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and job != "none":
+        return protocol_safe(f"{stem}-{job}")
+    if "MASTER_PORT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return protocol_safe(f"{stem}-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ['MASTER_PORT']}")
+    return protocol_safe(f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def protocol_safe(name: str) -> str:
+    """`name` made acceptable as a run name (see protocol.RUN_NAME_PATTERN)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._:@+-]", "-", name).lstrip("._:@+-")
+    return (cleaned or "run")[:128]
+
+
+def distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    placements = getattr(t, "placements", None)
+    return placements is not None and any(p.is_shard() for p in placements)
+
+
