@@ -31,7 +31,7 @@ def test_config_defaults_file_env_and_flags(tmp_path: Path):
         "[retention]\nheartbeat_timeout = 5\n"
         '[actions.plateau]\naction = "reduce_lr"\nfactor = 0.3\n'
         '[[actions.amp_scale_collapse]]\naction = "checkpoint"\n'
-        '[[actions.amp_scale_collapse]]\naction = "stop"\nmode = "flag"\n'
+        '[[actions.amp_scale_collapse]]\naction = "stop"\n'
     )
     config = load_config(path, {"server.port": 0, "server.host": None}, environ={"GRADWATCH_TOKEN": "from-env"})
     assert (config.server.port, config.server.host, config.server.token) == (0, "127.0.0.1", "from-env")
@@ -55,7 +55,7 @@ def test_config_defaults_file_env_and_flags(tmp_path: Path):
         ('[actions.plateu]\naction = "reduce_lr"\n', "unknown alert kind 'plateu'"),
         ('[actions.plateau]\naction = "explode"\n', "actions.plateau.action"),
         ('[actions.plateau]\naction = "reduce_lr"\nfactor = 2\n', "actions.plateau.reduce_lr.factor"),
-        ('[actions.plateau]\naction = "stop"\nmode = "now"\n', "actions.plateau.stop.mode"),
+        ('[actions.plateau]\naction = "stop"\nmode = "flag"\n', "gradwatch.attach(..., stop='raise' | 'flag')"),
         ('[actions.plateau]\naction = "skip_step"\ncooldown = 3\n', "unknown key 'actions.plateau.skip_step.cooldown'"),
         ('[server]\ntls_cert = "a.pem"\n', "tls_cert and tls_key go together"),
         ("[server\n", "not valid TOML"),

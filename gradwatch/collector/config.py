@@ -95,9 +95,16 @@ class Checkpoint(_ActionPolicyBase):
 
 class Stop(_ActionPolicyBase):
     action: Literal["stop"]
-    mode: Literal["raise", "flag"] = Field(
-        "raise", description="raise gradwatch.StopTraining, or only set run.should_stop"
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_mode(cls, data: Any) -> Any:
+        # How training stops is the training side's choice: the loop that checks
+        # run.should_stop, or not, is written there.
+        if isinstance(data, dict) and "mode" in data:
+            raise ValueError("`mode` is not a collector setting: how training stops is chosen where it runs, "
+                             "gradwatch.attach(..., stop='raise' | 'flag'); remove `mode` here")
+        return data
 
 
 ActionPolicy = Annotated[ReduceLR | SkipStep | Checkpoint | Stop, Field(discriminator="action")]

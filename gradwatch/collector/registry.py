@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class DetectorFailed:
     run: str
     kind: str
     error: str
+    traceback: str = ""  # formatted where it was raised: a detector bug must be findable from the log
 
 
 Event = RunStarted | StatusChanged | AlertRaised | ActionIssued | ActionAcked | RunEvicted | DetectorFailed
@@ -495,7 +497,8 @@ class Registry:
                 alerts = detector.observe(obs)
             except Exception as err:  # noqa: BLE001 - a detector bug must not take ingest down
                 run.detectors.remove(detector)
-                events.append(DetectorFailed(run.name, detector.kind, f"{type(err).__name__}: {err}"))
+                events.append(DetectorFailed(run.name, detector.kind, f"{type(err).__name__}: {err}",
+                                             traceback.format_exc()))
                 continue
             for alert in alerts:
                 events += self._record_alert(run, alert, alert.layer)
