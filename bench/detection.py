@@ -129,28 +129,31 @@ class DetectorCrashed(Exception):
     """A detector raised: the live collector would have switched it off for the run."""
 
 
-def replay(spool: Path) -> list[AlertEvent]:
-    """Every alert event the collector's default detectors raise on this spool."""
+def replay(*spools: Path) -> list[AlertEvent]:
+    """Every alert event the collector's default detectors raise on these spools (one per
+    rank of one run: `file:` spools of a distributed run are PATH.rank<N>), fed in time order."""
     registry = Registry(RetentionConfig(), build_detectors)
+    messages = []
+    for spool in spools:
+        rank, run_name = 0, ""
+        for line in spool.read_text(encoding="utf-8").splitlines():
+            message = decode_probe_message(line)
+            if isinstance(message, Hello):
+                rank, run_name = message.rank, message.run
+                registry.hello(message, message.started)
+            elif isinstance(message, Steps):
+                messages.append((max((r.time for r in message.records), default=0.0), run_name, rank, message))
+            elif isinstance(message, Bye):
+                messages.append((float("inf"), run_name, rank, message))
     events: list[AlertEvent] = []
-    run_name = ""
-    for line in spool.read_text(encoding="utf-8").splitlines():
-        message = decode_probe_message(line)
-        now = 0.0
-        if isinstance(message, Hello):
-            run_name = message.run
-            registry.hello(message, message.started)
-            continue
+    for now, run_name, rank, message in sorted(messages, key=lambda m: m[0]):
         if isinstance(message, Steps):
-            now = max((r.time for r in message.records), default=0.0)
-            produced = registry.steps(run_name, 0, message, now)
-        elif isinstance(message, Bye):
-            produced = registry.bye(run_name, 0, message, now)
+            produced = registry.steps(run_name, rank, message, now)
         else:
-            continue
+            produced = registry.bye(run_name, rank, message, 0.0)
         for event in produced:
             if isinstance(event, DetectorFailed):
-                raise DetectorCrashed(f"detector {event.kind} failed on {spool.name}: {event.reason}")
+                raise DetectorCrashed(f"detector {event.kind} failed on {spools[0].name}: {event.error}")
             if isinstance(event, AlertRaised) and event.alert.kind not in ("run_lost", "rank_lost"):
                 events.append(event.alert)
     return events

@@ -15,9 +15,9 @@ accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 1))
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+teacher = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1)).requires_grad_(False)  # a learnable target
 x = torch.randn(2048, 16)
-loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin()),
-                                     batch_size=32, shuffle=True)
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, teacher(x)), batch_size=32, shuffle=True)
 model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
 run = gradwatch.attach(model, optimizer)  # the one line: the AcceleratedOptimizer is fine

@@ -13,6 +13,7 @@ import gradwatch
 device = "cuda" if torch.cuda.is_available() else "cpu"
 amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
 torch.manual_seed(0)
+teacher = nn.Sequential(nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1)).requires_grad_(False).to(device)
 model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 1)).to(device)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 scaler = torch.amp.GradScaler(device)
@@ -23,11 +24,10 @@ run = gradwatch.attach(model, optimizer, scaler=scaler)
 for _ in range(200):
     for _ in range(accumulation):
         x = torch.randn(32, 32, device=device)
-        y = x.sum(dim=1, keepdim=True).sin()
         with torch.autocast(device, dtype=amp_dtype):
-            loss = nn.functional.mse_loss(model(x).float(), y) / accumulation
-        run.log(loss=loss)  # averaged over the micro-batches of the step
-        scaler.scale(loss).backward()
+            loss = nn.functional.mse_loss(model(x).float(), teacher(x).float())
+        run.log(loss=loss)  # optional (backward() is read too): the step's loss is their mean
+        scaler.scale(loss / accumulation).backward()
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
     scaler.step(optimizer)

@@ -34,9 +34,11 @@ class Regression(L.LightningModule):
 
 
 def data(n: int, seed: int) -> torch.utils.data.TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 8, generator=g)
-    return torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+    """Inputs and the outputs of a fixed random teacher network: a function the model can learn."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).requires_grad_(False)
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.TensorDataset(x, teacher(x))
 
 
 if __name__ == "__main__":
