@@ -10,6 +10,8 @@ import subprocess
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradwatch.collector.actions import ActionPlanner, lead_steps
 from gradwatch.collector.config import CollectorConfig
@@ -258,6 +260,27 @@ def test_detector_alerts_fire_once_and_resolve_once():
     assert reg.runs["r"].alerts_total["loss_spike"] == 1
 
 
+@pytest.mark.parametrize(
+    "end, status",
+    [("bye", "finished"), ("stop", "stopped"), ("silence", "lost")],
+)
+def test_an_ended_runs_open_alerts_resolve_with_the_reason(end: str, status: str) -> None:
+    """Prometheus and Alertmanager must stop firing for a run that no longer trains; a lost
+    run keeps `run_lost`, the alert for that end."""
+    reg = registry(heartbeat_timeout=10)
+    reg.hello(hello(), 0.0)
+    events = reg.steps("r", 0, Steps(records=[record(i, loss=x) for i, x in enumerate([1.0, 20.0, 30.0])]), 1.0)
+    assert alerts(events) == [("r", "loss_spike", False, 1)]
+    if end == "silence":
+        events = reg.tick(12.0)
+    else:
+        events = reg.bye("r", 0, Bye(status="finished" if end == "bye" else "stopped"), 2.0)
+    assert reg.runs["r"].status == status
+    resolved = [e.alert for e in events if isinstance(e, AlertRaised) and e.alert.resolved]
+    assert [(a.kind, a.step, a.message) for a in resolved] == [("loss_spike", 2, f"resolved: run {status}")]
+    assert set(reg.runs["r"].active_alerts) == ({("run_lost", None)} if status == "lost" else set())
+
+
 def test_fired_alerts_say_what_to_try_and_resolutions_do_not():
     reg = registry(heartbeat_timeout=10)
     reg.hello(hello(), 0.0)
@@ -402,6 +425,35 @@ def test_ended_run_series_vanish_after_grace():
     assert 'gradwatch_run_up{run="r"} 0.0' in scrape(reg, 309.0, **grace)
     assert 'run="r"' not in scrape(reg, 311.0, **grace)
     assert 'gradwatch_collector_runs{status="finished"} 1.0' in scrape(reg, 311.0, **grace)
+
+
+def test_per_layer_lines_say_what_prometheus_client_would_write():
+    """The per-layer families' fast path against prometheus_client's own encoder reading the
+    same collector: layers capped (a repeated name counts once), a frozen layer, non-finite
+    values. Compared as parsed samples: the fast path spells 2e7 as Python does."""
+    reg = registry()
+    reg.hello(Hello(v=PROTOCOL_VERSION, run="r", layers=["a", "a", "b", "c"]), 0.0)
+    reg.steps("r", 0, Steps(records=[record(1, layer_grad_sq=[4e14, 1.0, None, math.inf],
+                                            layer_weight_sq=[1.0, 1.0, math.nan, 0.0],
+                                            layer_update_sq=[0.0, 1.0, 1.0, 1.0])]), 1.0)
+    reg.hello(Hello(v=PROTOCOL_VERSION, run="s", layers=["x"]), 0.0)
+    reg.steps("s", 0, Steps(records=[record(1, layer_grad_sq=[0.25])]), 1.0)
+    config = CollectorConfig.model_validate({"metrics": {"layer_cap": 2}})
+    collector = MetricsCollector(reg, IngestStats(), config, clock=lambda: 1.0)
+    through_prometheus_client = CollectorRegistry(auto_describe=False)
+    through_prometheus_client.register(collector)
+
+    def layer_samples(text: str) -> list[tuple[str, str, str, float]]:
+        return sorted((s.name.removeprefix("gradwatch_layer_"), s.labels["run"], s.labels["layer"], s.value)
+                      for family in text_string_to_metric_families(text) for s in family.samples
+                      if s.name.startswith("gradwatch_layer_") and not math.isnan(s.value))
+
+    fast = collector.exposition().decode()
+    assert layer_samples(fast) == layer_samples(generate_latest(through_prometheus_client).decode()) == [
+        ("grad_norm", "r", "a", 2e7), ("grad_norm", "s", "x", 0.5),
+        ("update_ratio", "r", "a", 0.0), ("weight_norm", "r", "a", 1.0),
+    ]
+    assert 'gradwatch_layer_weight_norm{layer="b",run="r"} NaN' in fast
 
 
 def test_every_alert_kind_has_a_series():

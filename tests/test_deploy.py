@@ -226,10 +226,14 @@ def test_kustomization_lists_every_manifest() -> None:
 
 def test_k8s_collector_wiring() -> None:
     docs = load_all(K8S / "collector.yaml")
-    deployment = docs[("Deployment", "gradwatch-collector")]
+    statefulset = docs[("StatefulSet", "gradwatch-collector")]
     service = docs[("Service", "gradwatch")]
-    pod = deployment["spec"]["template"]
+    pod = statefulset["spec"]["template"]
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    # per-pod addresses for GRADWATCH_URL's list: a headless Service named by the StatefulSet
+    assert service["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == "gradwatch"
+    mounts = {m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    assert {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]} <= mounts
     container = pod["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     monitor = load(K8S / "servicemonitor.yaml")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -843,3 +844,24 @@ def test_a_model_the_probe_cannot_measure_is_said_once(caplog: pytest.LogCapture
     assert isinstance(run, gradwatch.probe.DisabledRun)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and says in warnings[0] and "the module that trains" in warnings[0]
+
+
+def test_several_collectors_a_run_always_picks_the_same_one() -> None:
+    """GRADWATCH_URL may list several collectors: every rank and restart of a run lands on the
+    same one, runs spread over all of them, and adding a collector moves only ~1/N of the runs."""
+    from gradwatch.probe.environment import pick_collector
+
+    three = "ws://c0:8765, ws://c1:8765,ws://c2:8765"
+    four = three + ",ws://c3:8765"
+    runs = [f"job-{i}" for i in range(600)]
+    picked = {run: pick_collector(three, run) for run in runs}
+    assert all(pick_collector(three, run) == url for run, url in picked.items())  # rank 1, a restart
+    assert pick_collector("ws://c2:8765,ws://c0:8765,ws://c1:8765", "job-7") == picked["job-7"]  # order-free
+    counts = Counter(picked.values())
+    assert set(counts) == {"ws://c0:8765", "ws://c1:8765", "ws://c2:8765"} and min(counts.values()) > 150
+    moved = [run for run in runs if pick_collector(four, run) != picked[run]]
+    assert all(pick_collector(four, run) == "ws://c3:8765" for run in moved)  # only to the new one
+    assert 0.15 < len(moved) / len(runs) < 0.35
+    assert pick_collector("127.0.0.1:8765", "x") == "ws://127.0.0.1:8765"
+    with pytest.raises(ValueError, match="HTTP address"):
+        pick_collector("ws://c0:8765,http://c1:9108", "x")

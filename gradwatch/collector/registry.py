@@ -424,6 +424,21 @@ class Registry:
             events.append(StatusChanged(run.name, run.status, new, reason))
             run.status = new
             run.ended_at = now if new in ENDED_STATUSES else None
+            if new in ENDED_STATUSES:
+                events += self._resolve_open_alerts(run, new)
+        return events
+
+    def _resolve_open_alerts(self, run: Run, status: RunStatus) -> list[Event]:
+        """An ended run's conditions end with it: its open alerts resolve, saying why, so that
+        Prometheus and Alertmanager stop firing for a run that no longer trains. A lost
+        run's `run_lost` stays: it is the alert for that end."""
+        events: list[Event] = []
+        step = max(run.last_merged_step, 0)
+        for (kind, key), alert in list(run.active_alerts.items()):
+            if kind == "run_lost":
+                continue
+            ended = dataclasses.replace(alert, step=step, message=f"resolved: run {status}", resolved=True, hint="")
+            events += self._record_alert(run, ended, key)
         return events
 
     def _set_alert(

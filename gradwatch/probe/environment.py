@@ -3,6 +3,7 @@ wrappers. Read once, at attach."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -27,6 +28,19 @@ def checked_url(url: str) -> str:
             f"and queries); the probe streams to its websocket port: ws://HOST:8765 (--port), or file:PATH"
         )
     raise ValueError(f"url={url!r} is not a collector address: use ws://HOST:8765 (wss:// with TLS) or file:PATH")
+
+
+def pick_collector(addresses: str, run_name: str) -> str:
+    """The collector of this run among several (comma-separated addresses), by rendezvous
+    hashing of the run name: every rank and every restart of a run picks the same one, and
+    adding a collector moves only the runs it now wins, about 1/N of them. Each address is
+    checked as `checked_url` does."""
+    candidates = [checked_url(a.strip()) for a in addresses.split(",") if a.strip()]
+    if not candidates:
+        raise ValueError("GRADWATCH_URL / url is empty: give ws://HOST:8765 (several, comma-separated) or file:PATH")
+    if len(candidates) == 1:
+        return candidates[0]
+    return max(candidates, key=lambda url: hashlib.blake2b(f"{url}\n{run_name}".encode(), digest_size=8).digest())
 
 
 def unwrap_optimizer(optimizer: Any) -> tuple[Any, Any]:

@@ -40,10 +40,10 @@ from gradwatch.probe import backward, clip
 from gradwatch.probe.actions import ActionState, guard_step
 from gradwatch.probe.clearing import ClearingCheck
 from gradwatch.probe.environment import (
-    checked_url,
     default_run_name,
     distributed,
     is_sharded,
+    pick_collector,
     protocol_safe,
     unwrap_optimizer,
 )
@@ -114,7 +114,7 @@ class Run:
         if stop not in ("raise", "flag"):
             raise ValueError(f"stop={stop!r}: use 'raise' (StopTraining at the next step) or 'flag' (run.should_stop)")
         self.name = protocol_safe(name or os.environ.get("GRADWATCH_RUN") or default_run_name())
-        self.url = checked_url(url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765")
+        self.url = pick_collector(url or os.environ.get("GRADWATCH_URL") or "ws://127.0.0.1:8765", self.name)
         self.every = every
         self.enabled = True
         self._broken = False
