@@ -240,3 +240,25 @@ def test_ddp_ranks_apply_an_action_at_the_same_step(start_collector, tmp_path: P
     acks = collector.wait_for(lambda: len(_entries(collector, "ddp-actions", "ack")) == 2 and
                               _entries(collector, "ddp-actions", "ack"), what="both ranks' acks")
     assert {a["step"] for a in acks} == {changes[0][0]}
+
+
+def test_a_tensor_lr_is_recorded_and_reduced_as_a_tensor(tmp_path: Path) -> None:
+    """Fused/capturable optimizers take the LR as a tensor: the probe records it without
+    reading it on the training thread, and reduce_lr keeps it a tensor (no `bool(tensor)`)."""
+    from tests.probe_helpers import read_spool
+
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(0.01))
+    spool = tmp_path / "spool.jsonl"
+    run = gradwatch.attach(model, opt, url=f"file:{spool}", actions=True, name="tensor-lr")
+    run._actions.receive(protocol.Action(id="a", kind="reduce_lr", step=2, params={"factor": 0.5, "min_lr": 1e-6}))
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(o.param_groups[0]["lr"]))
+    for x, y in batches(3):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    run.detach()
+    assert all(isinstance(lr, torch.Tensor) for lr in seen)
+    assert [r.lr for r in read_spool(spool)[1]] == [[pytest.approx(0.01)], [pytest.approx(0.005)], [pytest.approx(0.005)]]
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and float(opt.param_groups[0]["lr"]) == pytest.approx(0.01)

@@ -90,8 +90,10 @@ class ActionState:
         self._saved_lr = [group["lr"] for group in optimizer.param_groups]
         for group in optimizer.param_groups:
             lr = group["lr"]
-            floor = min(self.min_lr, lr)
-            group["lr"] = max(lr * self.lr_factor, floor)
+            if isinstance(lr, torch.Tensor):  # a tensor LR stays a tensor, on its device: no read
+                group["lr"] = torch.maximum(lr * self.lr_factor, torch.clamp(lr, max=self.min_lr))
+            else:
+                group["lr"] = max(lr * self.lr_factor, min(self.min_lr, lr))
 
     def restore_lr(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self._saved_lr is None or optimizer is None:

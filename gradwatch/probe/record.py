@@ -43,18 +43,28 @@ class StepMeta:
     has_scale: bool = False
     has_preclip: bool = False
     has_found_inf: bool = False
-    lr: list[float] = field(default_factory=list)
-    momentum: list[float | None] = field(default_factory=list)
-    weight_decay: list[float | None] = field(default_factory=list)
+    # Floats, or device tensors (a tensor LR of fused/capturable optimizers) read on the
+    # background thread: reading them here would wait for the device every step.
+    lr: list[float | torch.Tensor] = field(default_factory=list)
+    momentum: list[float | torch.Tensor | None] = field(default_factory=list)
+    weight_decay: list[float | torch.Tensor | None] = field(default_factory=list)
     scalars: dict[str, Any] = field(default_factory=dict)
 
     def read_param_groups(self, param_groups: list[dict[str, Any]]) -> None:
         """LR, momentum (Adam's beta1) and weight decay of each param group."""
         for group in param_groups:
-            self.lr.append(to_float(group.get("lr")) or 0.0)
+            self.lr.append(_later(group.get("lr")) or 0.0)
             betas = group.get("betas")
-            self.momentum.append(to_float(group.get("momentum", betas[0] if betas else None)))
-            self.weight_decay.append(to_float(group.get("weight_decay")))
+            self.momentum.append(_later(group.get("momentum", betas[0] if betas else None)))
+            self.weight_decay.append(_later(group.get("weight_decay")))
+
+
+def _later(value: Any) -> float | torch.Tensor | None:
+    """A host value now; a device tensor copied on the device (asynchronously, ahead of the
+    packed vector's copy, so it has landed when the background thread reads the vector)."""
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return value.detach().clone()
+    return to_float(value)
 
 
 def to_float(value: Any) -> float | None:
@@ -85,9 +95,9 @@ def build_record(meta: StepMeta, values: list[float], layout: Layout) -> protoco
         skipped=meta.skipped or found_inf,
         grads_kept=meta.grads_kept,
         loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
-        lr=meta.lr,
-        momentum=meta.momentum,
-        weight_decay=meta.weight_decay,
+        lr=[to_float(v) or 0.0 for v in meta.lr],
+        momentum=[to_float(v) for v in meta.momentum],
+        weight_decay=[to_float(v) for v in meta.weight_decay],
         scalars={k: v for k, v in ((k, to_float(v)) for k, v in meta.scalars.items()) if v is not None},
         layer_grad_sq=layer_grad_sq if meta.detail else None,
         layer_weight_sq=weight_sq,
