@@ -6,7 +6,8 @@
 
 Phases, all against one collector:
 1. scrape: `--scrape-runs` runs (100) each send one step with per-layer detail; /metrics
-   is then timed while nothing else happens;
+   is then timed while nothing else happens, in the text format and as Prometheus asks
+   for it (OpenMetrics, gzipped);
 2. load: the remaining runs join and all of them send one message every 1/rate seconds
    (each a `steps` frame holding one record; with every per-layer value on every message,
    as a probe at every=1, or on 1 in `--detail-every`), from one asyncio load generator;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
@@ -45,8 +47,8 @@ from websockets.exceptions import ConnectionClosed
 
 from gradwatch import protocol
 from gradwatch.collector.config import RetentionConfig
+from gradwatch.collector.ready import NotReady, wait_for_ready_file
 
-LISTENING = re.compile(r"gradwatch collector listening (ws://\S+) (http://\S+)")
 RUN_PREFIX = "bench-"
 FILL_BATCH = 100  # records per frame while filling the history ring
 DRAIN_TIMEOUT = 60.0  # seconds to wait for the collector to merge what was sent
@@ -62,21 +64,20 @@ class CollectorProcess:
         command = [sys.executable]
         if profile:
             command += ["-m", "cProfile", "-o", profile]
-        command += ["-m", "gradwatch", "collector", "--port", "0", "--http-port", "0", "--data", data_dir]
+        ready_file = Path(data_dir) / "ready.json"
+        command += ["-m", "gradwatch", "collector", "--port", "0", "--http-port", "0", "--data", data_dir,
+                    "--ready-file", str(ready_file)]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         self.log_tail: deque[str] = deque(maxlen=20)
-        self.ws_url, self.http_url = self._wait_listening()
         # Keep reading its log so that the pipe never fills and blocks the collector.
-        threading.Thread(target=self._drain_log, daemon=True).start()
-
-    def _wait_listening(self) -> tuple[str, str]:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log_tail.append(line)
-            found = LISTENING.search(line)
-            if found:
-                return found.group(1), found.group(2)
-        raise RuntimeError("the collector exited before listening:\n" + "".join(self.log_tail))
+        drain = threading.Thread(target=self._drain_log, daemon=True)
+        drain.start()
+        try:
+            ready = wait_for_ready_file(ready_file, self.process, timeout=60)
+        except NotReady as err:
+            drain.join(timeout=5)
+            raise RuntimeError(f"the collector {err}:\n" + "".join(self.log_tail)) from None
+        self.ws_url, self.http_url = ready.ws_url, ready.http_url
 
     def _drain_log(self) -> None:
         assert self.process.stderr is not None
@@ -131,12 +132,25 @@ class Scrape:
 WATCHED = ("gradwatch_run_last_step_timestamp_seconds", "gradwatch_collector_ingest_lag_seconds")
 
 
-def scrape(http_url: str, names: tuple[str, ...] = ()) -> Scrape:
+# What Prometheus 2.x sends with each scrape.
+PROMETHEUS_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+              "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
+
+
+def scrape(http_url: str, names: tuple[str, ...] = (), as_prometheus: bool = False) -> Scrape:
+    """One GET /metrics: the text format, or OpenMetrics gzipped as Prometheus asks for it
+    (size: as sent)."""
     query = ("?" + urllib.parse.urlencode([("name[]", n) for n in names])) if names else ""
+    request = urllib.request.Request(http_url + "/metrics" + query, headers=PROMETHEUS_HEADERS if as_prometheus else {})
     start = time.perf_counter()
-    with urllib.request.urlopen(http_url + "/metrics" + query, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=60) as response:
         body = response.read()
-    return Scrape(time.perf_counter() - start, len(body), time.time(), body.decode())
+        seconds = time.perf_counter() - start
+        text = (gzip.decompress(body) if response.headers.get("Content-Encoding") == "gzip" else body).decode()
+    return Scrape(seconds, len(body), time.time(), text)
 
 
 class Scraper:
@@ -339,6 +353,11 @@ async def bench(args: argparse.Namespace, collector: CollectorProcess) -> list[t
         (f"{statistics.median(s.seconds for s in quiet):.3f} s ({quiet[-1].size / 1e6:.1f} MB, "
          f"{series_count(quiet[-1])} series)"),
         "< 1 s" if len(probes) == 100 and args.layers == 200 else "",
+    ))
+    zipped = [await asyncio.to_thread(scrape, collector.http_url, (), True) for _ in range(5)]
+    rows.append((
+        "  the same as Prometheus asks for it (OpenMetrics, gzip)",
+        f"{statistics.median(s.seconds for s in zipped):.3f} s ({zipped[-1].size / 1e6:.1f} MB)", "",
     ))
 
     # 2. sustained load

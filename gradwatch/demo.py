@@ -109,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     from gradwatch.collector.config import CollectorConfig
-    from gradwatch.collector.server import EmbeddedCollector
+    from gradwatch.collector.embedded import EmbeddedCollector
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("gradwatch").setLevel(logging.ERROR)  # the demo prints what matters itself

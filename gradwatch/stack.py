@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import signal
 import socket
@@ -24,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Self
 
+from gradwatch.collector.ready import NotReady, wait_for_ready_file
+
 # Debian and Ubuntu name the Alertmanager binary after their package; upstream calls it alertmanager.
 PROMETHEUS_NAMES = ("prometheus",)
 ALERTMANAGER_NAMES = ("prometheus-alertmanager", "alertmanager")
@@ -34,7 +35,6 @@ SOURCE_RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" 
 SCRAPE_JOB = "gradwatch"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-_LISTENING = re.compile(r"gradwatch collector listening (ws\S+) (http\S+)")
 
 
 class StackError(Exception):
@@ -178,16 +178,6 @@ def _wait_ready(server: Server, url: str, deadline: float) -> None:
     raise server.failure(f"was not ready at {url} after {START_TIMEOUT_S:.0f}s")
 
 
-def _wait_listening(server: Server, deadline: float) -> tuple[str, str]:
-    """The collector's ws and http URLs from its start-up log line (ports may be 0 = free)."""
-    while time.monotonic() < deadline:
-        if match := _LISTENING.search(server.log_path.read_text(errors="replace")):
-            return match.group(1), match.group(2)
-        server.raise_if_exited()
-        time.sleep(0.05)
-    raise server.failure(f"did not report its address after {START_TIMEOUT_S:.0f}s")
-
-
 @dataclass
 class Stack:
     """The collector, then Alertmanager, then Prometheus; `urls` once started."""
@@ -217,12 +207,18 @@ class Stack:
         deadline = time.monotonic() + START_TIMEOUT_S
         local = _connect_host(s.host)
 
+        ready_file = state / "collector-ready.json"  # its addresses, the ports being possibly 0 (free)
         argv = [sys.executable, "-m", "gradwatch", "collector", "--host", s.host, "--port", str(s.ws_port),
-                "--http-port", str(s.http_port), "--data", str(state / "collector")]
+                "--http-port", str(s.http_port), "--data", str(state / "collector"), "--ready-file", str(ready_file)]
         if s.collector_config:
             argv += ["--config", str(s.collector_config)]
         collector = self._launch("collector", argv, state)
-        self.urls["collector"], http_url = _wait_listening(collector, deadline)
+        assert collector.process is not None
+        try:
+            ready = wait_for_ready_file(ready_file, collector.process, deadline - time.monotonic())
+        except NotReady as err:
+            raise collector.failure(str(err)) from None
+        self.urls["collector"], http_url = ready.ws_url, ready.http_url
         self.urls["metrics"] = http_url + "/metrics"
         collector_port = urllib.parse.urlsplit(http_url).port
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,7 +28,8 @@ from typing import Any
 
 import pytest
 
-LISTENING = re.compile(r"gradwatch collector listening (wss?://\S+) (http://\S+)")
+from gradwatch.collector.ready import NotReady, wait_for_ready_file
+
 TEST_HEARTBEAT_TIMEOUT = 2.0
 TEST_GRACE_SECONDS = 2.0
 START_TIMEOUT = 30.0
@@ -42,6 +42,7 @@ class CollectorProcess:
     data_dir: Path
     config_path: Path
     log_path: Path
+    ready_path: Path
     extra_args: list[str]
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
@@ -51,7 +52,7 @@ class CollectorProcess:
 
     def start(self) -> CollectorProcess:
         """Start (or restart on the same data dir and the same ports, once known)."""
-        args = ["--config", str(self.config_path), "--data", str(self.data_dir)]
+        args = ["--config", str(self.config_path), "--data", str(self.data_dir), "--ready-file", str(self.ready_path)]
         if self.ws_url:  # restart: keep the ports so clients and the test can reconnect
             args += ["--port", self.ws_url.rsplit(":", 1)[1], "--http-port", self.http_url.rsplit(":", 1)[1]]
         else:
@@ -63,16 +64,12 @@ class CollectorProcess:
                 [sys.executable, "-m", "gradwatch", "collector", *args],
                 stdout=log, stderr=subprocess.STDOUT, env=self.env,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.logs())
-            if match:
-                self.ws_url, self.http_url = match.groups()
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with {self.proc.returncode}:\n{self.logs()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"collector did not start within {START_TIMEOUT} s:\n{self.logs()}")
+        try:
+            ready = wait_for_ready_file(self.ready_path, self.proc, START_TIMEOUT)
+        except NotReady as err:
+            raise RuntimeError(f"collector {err}:\n{self.logs()}") from None
+        self.ws_url, self.http_url = ready.ws_url, ready.http_url
+        return self
 
     def logs(self) -> str:
         """What this process (since its last start) wrote to stdout/stderr."""
@@ -147,6 +144,7 @@ def start_collector(tmp_path: Path) -> Iterator[Callable[..., CollectorProcess]]
             data_dir=tmp_path / f"data{n}",
             config_path=config_path,
             log_path=tmp_path / f"collector{n}.log",
+            ready_path=tmp_path / f"collector{n}.ready.json",
             extra_args=list(args or []),
             env={**os.environ, "GRADWATCH_TOKEN": "", **(env or {})},
         )

@@ -13,6 +13,12 @@ import pytest
 
 from gradwatch.collector.config import ConfigError, ReduceLR, Stop, load_config
 from gradwatch.collector.detectors.runbook import hint
+from gradwatch.collector.ready import (
+    NotReady,
+    Ready,
+    wait_for_ready_file,
+    write_ready_file,
+)
 from gradwatch.protocol import PROTOCOL_VERSION, Bye, Hello, StepRecord, Steps, encode
 
 
@@ -101,6 +107,23 @@ def test_unusable_data_dir_is_a_clear_startup_error(tmp_path: Path, make_bad_dir
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
+def test_ready_file_names_both_addresses_and_goes_at_exit(collector):
+    ready = json.loads(collector.ready_path.read_text())
+    assert ready == {"ws_url": collector.ws_url, "http_url": collector.http_url, "pid": collector.proc.pid}
+    assert collector.http_url.startswith("http://127.0.0.1:") and not collector.http_url.endswith(":0")
+    assert collector.stop() == 0
+    assert not collector.ready_path.exists()
+
+
+def test_a_ready_file_another_process_left_is_not_taken(tmp_path: Path):
+    path = tmp_path / "ready.json"
+    write_ready_file(path, Ready("ws://127.0.0.1:1", "http://127.0.0.1:2", pid=1))  # a collector killed -9
+    exiting = subprocess.Popen([sys.executable, "-c", "pass"])
+    with pytest.raises(NotReady, match="exited with status 0 before it was ready"):
+        wait_for_ready_file(path, exiting, timeout=60)
+
+
 # --- ingest and queries against a running collector --------------------------------------------------
 
 
@@ -150,8 +173,9 @@ def test_runs_and_alerts_commands(collector, tmp_path: Path):
 
     alerts = gradwatch("alerts", "queried", "--url", collector.http_url)
     assert alerts.returncode == 0
-    header, fired, what_to_try = alerts.stdout.splitlines()
+    header, fired, what_to_try, resolved = alerts.stdout.splitlines()
     assert fired.split()[2:5] == ["queried", "fired", "nonfinite"]
+    assert resolved.split()[2:5] == ["queried", "resolved", "nonfinite"]  # the run ended with it open
     assert what_to_try == f"    try: {hint('nonfinite')}"  # under the alert it belongs to
     assert json.loads(gradwatch("alerts", "--url", collector.http_url, "--json").stdout)[0]["kind"] == "nonfinite"
     unknown = gradwatch("alerts", "other-run", "--url", collector.http_url)

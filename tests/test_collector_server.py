@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import math
 import re
 import shutil
@@ -10,18 +12,21 @@ import sqlite3
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 import pytest
+from prometheus_client import parser as text_parser
+from prometheus_client.openmetrics import parser as openmetrics_parser
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from gradwatch.collector.detectors.runbook import hint
+from gradwatch.collector.embedded import EmbeddedCollector
 from gradwatch.collector.history import DB_NAME
-from gradwatch.collector.server import EmbeddedCollector
 from gradwatch.protocol import (
     CLOSE_INVALID_MESSAGE,
     CLOSE_POLICY,
@@ -164,9 +169,11 @@ def test_ingest_to_metrics_runs_and_alerts(collector, open_probe):
     )
     assert {k: run[k] for k in ("name", "last_step", "world_size")} == {"name": "train-1", "last_step": 6,
                                                                          "world_size": 1}
-    [alert] = collector.get_json("/api/alerts?run=train-1")
+    alert, ended = collector.get_json("/api/alerts?run=train-1")
     assert {k: alert[k] for k in ("run", "kind", "severity", "step", "layer", "event")} == {
         "run": "train-1", "kind": "nonfinite", "severity": "critical", "step": 6, "layer": None, "event": "fired"}
+    # the run ended, so its open alert resolved with it
+    assert (ended["kind"], ended["event"], ended["message"]) == ("nonfinite", "resolved", "resolved: run finished")
     assert alert["message"] and alert["time"] > 0 and alert["id"] == 1
     assert alert["hint"] == hint("nonfinite")
     status, body = collector.get("/api/alerts?run=other")  # a run the collector never saw
@@ -432,6 +439,113 @@ def test_embedded_collector_serves_in_a_thread(open_probe):
             time.sleep(0.05)
         assert run is not None and (run["name"], run["last_step"]) == ("embedded", 1)
     assert not data_dir.exists()  # its temporary data dir is removed on stop
+
+
+def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and raw body (urllib leaves a gzip body as it came)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def samples_of(families: Iterator) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    return {(s.name, tuple(sorted(s.labels.items())), s.value) for family in families for s in family.samples}
+
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def streamed(ws: ClientConnection, *records: StepRecord) -> None:
+    """Send `records`; return once the collector confirmed them (their effects are done)."""
+    ws.send(steps(*records))
+    last = max(r.step for r in records)
+    while not (isinstance(m := decode_collector_message(ws.recv(timeout=10)), Received) and m.step == last):
+        pass
+
+
+def test_metrics_negotiate_gzip_and_openmetrics(open_probe):
+    # In process, with the default heartbeat timeout: nothing changes between the scrapes.
+    with EmbeddedCollector() as embedded:
+        ws, _ = open_probe(embedded.ws_url, "formats", param_groups=1)
+        streamed(ws, rec(1), rec(2, loss=math.inf, scalars={"val_loss": 2.5}))
+        url = embedded.http_url + "/metrics"
+        status, headers, plain = get(url)
+        assert (status, headers["Content-Type"]) == (200, "text/plain; version=0.0.4; charset=utf-8")
+        assert "Content-Encoding" not in headers
+        status, headers, body = get(url, **{"Accept-Encoding": "gzip"})
+        assert (status, headers["Content-Encoding"]) == (200, "gzip")
+        assert gzip.decompress(body) == plain
+        status, headers, body = get(url, Accept=OPENMETRICS, **{"Accept-Encoding": "gzip"})
+        assert status == 200 and headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        openmetrics = gzip.decompress(body).decode()
+        assert openmetrics.endswith("\n# EOF\n") and openmetrics.count("# EOF") == 1
+        # The same series in both formats, the OpenMetrics text read by its strict parser.
+        assert samples_of(openmetrics_parser.text_string_to_metric_families(openmetrics)) == samples_of(
+            text_parser.text_string_to_metric_families(plain.decode()))
+        status, _, body = get(url + "?name[]=gradwatch_run_step", Accept=OPENMETRICS)
+        assert body.decode().splitlines() == [
+            "# HELP gradwatch_run_step last merged optimizer step", "# TYPE gradwatch_run_step gauge",
+            'gradwatch_run_step{run="formats"} 2.0', "# EOF"]
+
+
+def test_both_formats_pass_promtool(collector, open_probe):
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian package prometheus; CI installs it)")
+    ws, _ = open_probe(collector.ws_url, "linted", param_groups=1)
+    ws.send(steps(rec(1), rec(2, loss=math.nan, grad_norm_sq=math.inf, nonfinite_layers=1)))
+    metrics_when(collector, lambda m: series(m, "gradwatch_run_step", run="linted") == 2, "step 2")
+    status, _, body = get(collector.http_url + "/metrics")
+    assert status == 200
+    promtool_check(body.decode())
+    status, _, body = get(collector.http_url + "/metrics", Accept=OPENMETRICS)
+    assert status == 200
+    openmetrics = body.decode()
+    # promtool reads OpenMetrics as the classic text format, where a counter's samples
+    # (NAME_total) do not belong to its HELP and TYPE (NAME): it warns of exactly that (exit
+    # 3, lint only), and of nothing else.
+    lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, check=False)
+    counters = re.findall(r"^# TYPE (\w+) counter$", openmetrics, re.MULTILINE)
+    assert counters and lint.returncode in (0, 3), lint.stderr.decode()
+    assert set(lint.stderr.decode().splitlines()) <= {f"{name}_total no help text" for name in counters}
+
+
+def test_failures_keep_their_traceback_and_are_counted(open_probe, caplog):
+    def broken(*args: object) -> None:
+        raise RuntimeError("broken on purpose")
+
+    with EmbeddedCollector() as embedded, caplog.at_level(logging.ERROR, logger="gradwatch.collector"):
+        server = embedded.server
+        ws, _ = open_probe(embedded.ws_url, "failing")
+        # An effect: the alert's history row cannot be written; ingest goes on.
+        record = server.history.record
+        server.history.record = broken
+        streamed(ws, rec(1, nonfinite_layers=1))
+        server.history.record = record
+        streamed(ws, rec(2))
+        # A detector: switched off for this run, the others go on; its traceback in the log.
+        server.registry.runs["failing"].detectors[0].observe = broken
+        streamed(ws, rec(3))
+        # An HTTP handler: answered 500 with a JSON reason; the other endpoints still answer.
+        status_counts = server.registry.status_counts
+        server.registry.status_counts = broken
+        status, _, body = get(embedded.http_url + "/metrics")
+        assert status == 500 and "internal error" in json.loads(body)["error"]
+        assert get(embedded.http_url + "/healthz")[0] == 200
+        server.registry.status_counts = status_counts
+        metrics = get(embedded.http_url + "/metrics")[2].decode()
+    assert series(metrics, "gradwatch_run_step", run="failing") == 3
+    assert {where: series(metrics, "gradwatch_collector_internal_errors_total", where=where)
+            for where in ("effect", "http", "connection", "tick", "detector")} == {
+        "effect": 1, "http": 1, "connection": 0, "tick": 0, "detector": 1}
+    [detector_log] = [r.getMessage() for r in caplog.records if "is disabled for it" in r.getMessage()]
+    assert "RuntimeError: broken on purpose" in detector_log and "Traceback (most recent call last)" in detector_log
+    failures = [r for r in caplog.records if r.exc_info]
+    assert [(r.getMessage(), str(r.exc_info[1])) for r in failures] == [
+        ("the effect of AlertRaised on run failing failed", "broken on purpose"),
+        ("GET /metrics failed", "broken on purpose"),
+    ]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")

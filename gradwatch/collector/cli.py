@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from gradwatch.collector.config import CollectorConfig, ConfigError, load_config
 from gradwatch.collector.history import HistoryError
+from gradwatch.collector.ready import Ready, remove_ready_file, write_ready_file
 from gradwatch.collector.server import CollectorServer
 
 _DEFAULTS = CollectorConfig()
@@ -38,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: $GRADWATCH_TOKEN, else no authentication)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity on stderr (default INFO)")
+    parser.add_argument("--ready-file", type=Path, metavar="PATH",
+                        help='once both ports listen, write {"ws_url": ..., "http_url": ..., "pid": ...} '
+                        "(JSON) to PATH, for whatever started the collector; removed on exit (default: none)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,10 +60,10 @@ def main(args: argparse.Namespace) -> int:
         })
     except ConfigError as err:
         return _fail(f"bad config: {err}")
-    return asyncio.run(_run(config))
+    return asyncio.run(_run(config, args.ready_file))
 
 
-async def _run(config: CollectorConfig) -> int:
+async def _run(config: CollectorConfig, ready_file: Path | None) -> int:
     server = CollectorServer(config)
     try:
         await server.start()
@@ -75,9 +81,16 @@ async def _run(config: CollectorConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
+        if ready_file is not None:
+            try:
+                write_ready_file(ready_file, Ready(server.ws_url, server.http_url, os.getpid()))
+            except OSError as err:
+                return _fail(f"cannot write the ready file: {err}")
         await stop.wait()
     finally:
         logging.getLogger("gradwatch.collector").info("shutting down")
+        if ready_file is not None:
+            remove_ready_file(ready_file, os.getpid())
         await server.close()
     return 0
 

@@ -1,5 +1,7 @@
 """Prometheus exposition: a custom collector that yields metric families from the registry's
-current state at scrape time (no per-run global gauge objects to create, update or forget).
+current state at scrape time (no per-run global gauge objects to create, update or forget),
+and the one function that writes them in the format prometheus_client's `choose_encoder`
+picked (the classic text format or OpenMetrics).
 
 Every name here is listed with its type, labels and meaning in docs/metrics.md; dashboards
 and alerting rules depend on them, so treat them as an API.
@@ -11,18 +13,19 @@ import math
 import operator
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.detectors.base import Observation
 from gradwatch.collector.detectors.stats import all_finite
-from gradwatch.collector.registry import Registry, Run
+from gradwatch.collector.registry import Registry, RunState
 from gradwatch.protocol import ALERT_KINDS
 
 SEVERITIES = ("info", "warning", "critical")
@@ -37,6 +40,14 @@ REJECT_REASONS = (
     "too_big",  # frame over max_frame_bytes (close 1009)
     "unauthorized",  # missing or wrong token (HTTP 401 at the handshake)
 )
+# Where the collector caught an exception it did not expect (logged with its traceback).
+INTERNAL_ERROR_PLACES = (
+    "effect",  # what a registry event does: history row, action sent, run state saved
+    "http",  # an HTTP handler (answered 500)
+    "connection",  # a probe connection's handling (closed with 1011)
+    "tick",  # the periodic heartbeat check
+    "detector",  # a detector raised: switched off for that run, the others go on
+)
 
 
 @dataclass
@@ -47,6 +58,7 @@ class IngestStats:
     messages: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     ingest_lag_seconds: float = math.nan  # receive time minus the newest record's time
+    internal_errors: Counter[str] = field(default_factory=Counter)  # by INTERNAL_ERROR_PLACES
 
 
 def _gauge(name: str, doc: str, labels: list[str] | None = None, unit: str = "") -> GaugeMetricFamily:
@@ -75,17 +87,21 @@ class MetricsCollector(Collector):
         return []  # families depend on state; do not collect at registration
 
     def collect(self, wanted: set[str] | None = None) -> Iterator[Metric]:
-        """Every family but the per-layer ones (see `layer_rows`); only those named in
-        `wanted` (as exposed: a counter by its `_total` name) when given."""
+        """Every family, the per-layer ones last; only those named in `wanted` (as exposed: a
+        counter by its `_total` name) when given. Each family holds its values when yielded
+        (the per-layer ones an immutable observation per run), so a caller may format them
+        over several turns of the event loop."""
         yield from self._run_families(wanted)
         yield from (family for family in self._health_families() if _exposed(family, wanted))
+        yield from self._layer_families(wanted)
 
-    def layer_rows(self, wanted: set[str] | None = None) -> list[LayerRows]:
-        """What the per-layer families export: for each visible run its exported layers and
-        its latest per-layer detail (an immutable observation, so formatting may span several
-        turns of the event loop)."""
+    def exposition(self, wanted: set[str] | None = None, encoder: Encoder = generate_latest) -> bytes:
+        """The /metrics body in one go (tests; the server formats a snapshot in slices)."""
+        return b"".join(exposition_chunks(self.collect(wanted), encoder))
+
+    def _layer_families(self, wanted: set[str] | None) -> Iterator[LayerFamily]:
         if wanted is not None and wanted.isdisjoint(LAYER_FAMILY_NAMES):
-            return []
+            return
         now = self.clock()
         cap = self.config.metrics.layer_cap
         rows = []
@@ -98,11 +114,9 @@ class MetricsCollector(Collector):
             if run.latest_layer_detail is not None:
                 rows.append(LayerRows(lines, run.latest_layer_detail))
         self._lines_by_run = lines_by_run
-        return rows
-
-    def exposition(self, wanted: set[str] | None = None) -> bytes:
-        """The /metrics body in one go (tests; the server splits snapshot and formatting)."""
-        return b"".join(exposition_chunks(list(self.collect(wanted)), self.layer_rows(wanted), wanted))
+        for name, doc, values_of in LAYER_FAMILIES:
+            if wanted is None or name in wanted:
+                yield LayerFamily(name, doc, values_of, rows)
 
     def _run_families(self, wanted: set[str] | None) -> Iterator[Metric]:
         families = {
@@ -153,7 +167,7 @@ class MetricsCollector(Collector):
             self._add_run(f, run, cap)
         yield from (family for family in f.values() if family is not _SINK)
 
-    def _add_run(self, f: dict[str, Metric], run: Run, cap: int) -> None:
+    def _add_run(self, f: dict[str, Metric], run: RunState, cap: int) -> None:
         name = run.name
         f["up"].add_metric([name], 0.0 if run.ended else 1.0)
         f["status"].add_metric([name, run.status], 1.0)
@@ -221,7 +235,11 @@ class MetricsCollector(Collector):
         evicted.add_metric([], self.registry.evicted_total)
         cap = _gauge("gradwatch_collector_layer_cap", "per-run cap on exported per-layer series")
         cap.add_metric([], self.config.metrics.layer_cap)
-        yield from (connections, messages, rejected, lag, runs, evicted, cap)
+        errors = _counter("gradwatch_collector_internal_errors_total",
+                          "unexpected exceptions caught (each logged with its traceback), by where", ["where"])
+        for where in INTERNAL_ERROR_PLACES:
+            errors.add_metric([where], stats.internal_errors.get(where, 0))
+        yield from (connections, messages, rejected, lag, runs, evicted, cap, errors)
 
 
 def _exposed(family: Metric, wanted: set[str] | None) -> bool:
@@ -254,10 +272,11 @@ def exported_layers(layers: tuple[str, ...], cap: int) -> list[tuple[int, str]]:
     return [(index, layer) for layer, index in seen.items()]
 
 
-# The per-layer families hold most series (runs x layers x 3): they are formatted here
+# The per-layer families hold most series (runs x layers x 3): their lines are written
 # directly, about 10x faster than through prometheus_client's generic label handling.
 # Run and layer names cannot need escaping (the protocol's name patterns exclude quotes,
-# backslashes and newlines), which the fast path relies on.
+# backslashes and newlines), which the fast path relies on; a gauge's sample line is the
+# same in the text format and in OpenMetrics.
 LAYER_FAMILIES: tuple[tuple[str, str, Callable[[Observation], tuple[float | None, ...] | None]], ...] = (
     ("gradwatch_layer_grad_norm", "per-layer gradient norm (capped, see layers_dropped)",
      lambda o: o.layer_grad_norm),
@@ -272,6 +291,7 @@ class LayerLines:
     """What a run's per-layer series look like, built once per layout: which layers are
     exported and, per family, each exported layer's line up to its value."""
 
+    run: str
     layers: tuple[str, ...]  # the run's layout these lines were built for
     indices: tuple[int, ...] | None  # the exported layers' indices; None when all are, in order
     prefixes: dict[str, tuple[str, ...]]  # family -> 'family{layer="…",run="…"} ' per exported layer
@@ -281,11 +301,16 @@ class LayerLines:
         exported = exported_layers(layers, cap)
         indices = tuple(index for index, _ in exported)
         return cls(
+            run,
             layers,
             None if indices == tuple(range(len(layers))) else indices,
             {family: tuple(f'{family}{{layer="{layer}",run="{run}"}} ' for _, layer in exported)
              for family in LAYER_FAMILY_NAMES},
         )
+
+    def exported(self, values: tuple[float | None, ...]) -> tuple[float | None, ...]:
+        """The exported layers' entries of `values` (one per layer of the layout)."""
+        return values if self.indices is None else tuple(values[i] for i in self.indices)
 
 
 @dataclass(frozen=True)
@@ -294,45 +319,72 @@ class LayerRows:
     detail: Observation  # the run's latest observation with per-layer values
 
 
-def exposition_chunks(
-    families: list[Metric], rows: list[LayerRows], wanted: set[str] | None = None
-) -> Iterator[bytes]:
-    """The text exposition of a snapshot (`collect` and `layer_rows`), a family or a run's
-    layers at a time, so that a caller on the event loop can let ingest in between."""
-    for family in families:
-        yield render([family])
-    for name, doc, values_of in LAYER_FAMILIES:
-        if wanted is not None and name not in wanted:
-            continue
-        yield f"# HELP {name} {doc}\n# TYPE {name} gauge\n".encode()
-        for row in rows:
-            values = values_of(row.detail)
+class LayerFamily(Metric):
+    """A per-layer gauge family over the runs' latest detail. `lines` is the fast path
+    `exposition_chunks` takes; `samples` holds the same series as prometheus_client's
+    Sample tuples, built when asked, for any other reader of `collect()`."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        values_of: Callable[[Observation], tuple[float | None, ...] | None],
+        rows: list[LayerRows],
+    ) -> None:
+        # Not Metric.__init__: it assigns `samples`, which this family builds on demand.
+        self.name, self.documentation, self.type, self.unit = name, documentation, "gauge", ""
+        self._values_of, self._rows = values_of, rows
+
+    def _values(self) -> Iterator[tuple[LayerLines, tuple[float | None, ...]]]:
+        for row in self._rows:
+            values = self._values_of(row.detail)
             if values is not None:
-                yield _layer_lines(row.lines, name, values).encode()
+                yield row.lines, row.lines.exported(values)
+
+    def lines(self) -> Iterator[bytes]:
+        """The family's sample lines, a run at a time."""
+        for lines, values in self._values():
+            prefixes = lines.prefixes[self.name]
+            if all_finite(values):  # the usual case: repr is the exposition of a finite float
+                yield ("\n".join(map(operator.add, prefixes, map(repr, values))) + "\n").encode()
+            else:  # a None (no line) or a non-finite value (+Inf, -Inf, NaN)
+                yield "".join(f"{prefix}{floatToGoString(value)}\n" for prefix, value in zip(prefixes, values)
+                              if value is not None).encode()
+
+    @property
+    def samples(self) -> list[Sample]:  # type: ignore[override]  # read-only: built from the rows
+        samples = []
+        for lines, values in self._values():
+            names = lines.layers if lines.indices is None else [lines.layers[i] for i in lines.indices]
+            samples += [Sample(self.name, {"layer": layer, "run": lines.run}, value)
+                        for layer, value in zip(names, values) if value is not None]
+        return samples
 
 
-def _layer_lines(lines: LayerLines, family: str, values: tuple[float | None, ...]) -> str:
-    if lines.indices is not None:
-        values = tuple(values[i] for i in lines.indices)
-    prefixes = lines.prefixes[family]
-    if all_finite(values):  # the usual case: repr is the exposition of a finite float
-        return "\n".join(map(operator.add, prefixes, map(repr, values))) + "\n"
-    # a None (no line) or a non-finite value (+Inf, -Inf, NaN)
-    return "".join(f"{prefix}{floatToGoString(value)}\n" for prefix, value in zip(prefixes, values)
-                   if value is not None)
+Encoder = Callable[[Collector], bytes]
+
+
+def exposition_chunks(families: Iterable[Metric], encoder: Encoder = generate_latest) -> Iterator[bytes]:
+    """`families` in the format of `encoder` (prometheus_client's `generate_latest` for the
+    text format, or what `choose_encoder` picked), a family or one run's per-layer lines at a
+    time, so that a caller on the event loop can let ingest in between."""
+    # What the format writes after the last family (OpenMetrics: "# EOF"); the encoder writes
+    # it after every call, so it is cut from each family's text and written once at the end.
+    end = encoder(_Snapshot([]))
+    for family in families:
+        if isinstance(family, LayerFamily):
+            yield encoder(_Snapshot([Metric(family.name, family.documentation, family.type)])).removesuffix(end)
+            yield from family.lines()
+        else:
+            yield encoder(_Snapshot([family])).removesuffix(end)
+    yield end
 
 
 class _Snapshot(Collector):
+    """Families already collected, handed to an encoder (which asks a Collector for them)."""
+
     def __init__(self, families: list[Metric]) -> None:
         self.families = families
 
     def collect(self) -> list[Metric]:
         return self.families
-
-
-def render(families: list[Metric]) -> bytes:
-    """The text exposition of `families` alone (a private registry: no process or Python
-    metrics of the host)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families))
-    return generate_latest(registry)

@@ -180,7 +180,9 @@ class LatestValues:
 
 
 @dataclass
-class Run:
+class RunState:
+    """The collector's state of one run (not the probe's `gradwatch.probe.Run` handle)."""
+
     name: str
     hello: Hello
     started: float
@@ -248,7 +250,7 @@ class Registry:
         self.retention = retention
         self._new_detectors = detectors
         self.planner = planner or ActionPlanner({})
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[str, RunState] = {}
         self.evicted_total = 0
 
     # --- messages ------------------------------------------------------------------------
@@ -333,7 +335,7 @@ class Registry:
 
     # --- queries ---------------------------------------------------------------------------
 
-    def visible_runs(self, now: float, grace: float) -> Iterable[Run]:
+    def visible_runs(self, now: float, grace: float) -> Iterable[RunState]:
         """Runs whose series belong on /metrics: not ended, or ended less than `grace` ago."""
         return (r for r in self.runs.values() if r.ended_at is None or now - r.ended_at < grace)
 
@@ -343,15 +345,15 @@ class Registry:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _can_rejoin(self, run: Run, hello: Hello) -> bool:
+    def _can_rejoin(self, run: RunState, hello: Hello) -> bool:
         if not same_layout(run.hello, hello):
             return False
         # A finished run whose name comes back is a new training; a lost one is the same
         # training reconnecting after a long outage (or the collector's own restart).
         return run.status not in ("finished", "stopped", "crashed")
 
-    def _new_run(self, hello: Hello, now: float) -> Run:
-        run = Run(
+    def _new_run(self, hello: Hello, now: float) -> RunState:
+        run = RunState(
             name=hello.run,
             hello=hello,
             started=now,
@@ -378,14 +380,14 @@ class Registry:
         self.evicted_total += 1
         return [RunEvicted(oldest.name)]
 
-    def _touch(self, run_name: str, rank: int, now: float) -> tuple[Run, RankState]:
+    def _touch(self, run_name: str, rank: int, now: float) -> tuple[RunState, RankState]:
         run = self.runs[run_name]
         state = run.ranks[rank]
         state.last_seen = run.last_seen = now
         state.lost = False
         return run, state
 
-    def _update_status(self, run: Run, now: float) -> list[Event]:
+    def _update_status(self, run: RunState, now: float) -> list[Event]:
         events: list[Event] = []
         timeout = self.retention.heartbeat_timeout
         for state in run.ranks.values():
@@ -428,7 +430,7 @@ class Registry:
                 events += self._resolve_open_alerts(run, new)
         return events
 
-    def _resolve_open_alerts(self, run: Run, status: RunStatus) -> list[Event]:
+    def _resolve_open_alerts(self, run: RunState, status: RunStatus) -> list[Event]:
         """An ended run's conditions end with it: its open alerts resolve, saying why, so that
         Prometheus and Alertmanager stop firing for a run that no longer trains. A lost
         run's `run_lost` stays: it is the alert for that end."""
@@ -442,7 +444,7 @@ class Registry:
         return events
 
     def _set_alert(
-        self, run: Run, kind: str, key: str | None, active: bool, severity: Severity, message: str
+        self, run: RunState, kind: str, key: str | None, active: bool, severity: Severity, message: str
     ) -> list[Event]:
         """Lifecycle alerts (run_lost, rank_lost), with the same fire-once/resolve-once
         hysteresis the detectors have."""
@@ -457,7 +459,7 @@ class Registry:
             event = AlertEvent(kind, severity, step, message, resolved=True)
         return self._record_alert(run, event, key)
 
-    def _record_alert(self, run: Run, event: AlertEvent, key: str | None) -> list[Event]:
+    def _record_alert(self, run: RunState, event: AlertEvent, key: str | None) -> list[Event]:
         events: list[Event] = [AlertRaised(run.name, event)]
         if event.resolved:
             run.active_alerts.pop((event.kind, key), None)
@@ -472,7 +474,7 @@ class Registry:
                 events.append(ActionIssued(run.name, action, event.kind))
         return events
 
-    def _merge_ready(self, run: Run, now: float) -> list[Event]:
+    def _merge_ready(self, run: RunState, now: float) -> list[Event]:
         if not run.pending:
             return []
         progress = [s.max_step for s in run.ranks.values() if s.reporting]
@@ -489,7 +491,7 @@ class Registry:
             events += self._observe(run, merged)
         return events
 
-    def _observe(self, run: Run, merged: MergedStep) -> list[Event]:
+    def _observe(self, run: RunState, merged: MergedStep) -> list[Event]:
         obs = merged.observation
         run.last_merged_step = obs.step
         run.latest.update(merged)
