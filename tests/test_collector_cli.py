@@ -219,3 +219,11 @@ def test_ingest_replays_the_ranks_of_a_sharded_run_together(collector, tmp_path:
     metrics = collector.metrics()
     assert 'gradwatch_steps_total{run="sharded-spool"} 200.0' in metrics
     assert 'gradwatch_grad_norm{run="sharded-spool"} 5.0' in metrics  # sqrt(9 + 16): both ranks merged
+
+
+@pytest.mark.parametrize("module", ["gradwatch.collector.server", "gradwatch.client.replay", "gradwatch.client.query"])
+def test_the_collector_and_its_clients_do_not_import_torch(module: str) -> None:
+    """The collector's image has no torch: neither it nor `gradwatch ingest` may need it."""
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -6,7 +6,9 @@ as it would have live. Each line of the spool is one probe frame, as it would ha
 `hello` line starts a new connection. Lines are validated here first (a bad line is
 reported and skipped, not sent, so it cannot cut the rest of its connection short), and
 consecutive `steps` frames are coalesced into batches so a long spool stays well under the
-collector's per-connection message rate.
+collector's per-connection message rate. The probe's outbox does the batching, keeps every
+other message in its place among the records, and tracks the collector's confirmations: a
+connection ends once every record sent on it is confirmed.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from pathlib import Path
 from typing import TextIO
 
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
+from gradwatch.probe.outbox import Frame, Outbox
 from gradwatch.protocol import (
     MAX_RECORDS_PER_BATCH,
     Ack,
@@ -31,8 +34,9 @@ from gradwatch.protocol import (
     Heartbeat,
     Hello,
     ProtocolError,
-    StepRecord,
+    Received,
     Steps,
+    decode_collector_message,
     decode_probe_message,
     encode,
 )
@@ -40,6 +44,7 @@ from gradwatch.protocol import (
 DEFAULT_WS_URL = "ws://127.0.0.1:8765"
 MAX_BATCH_BYTES = 1024 * 1024  # stays well under the collector's default 4 MiB frame limit
 PROGRESS_SECONDS = 0.5
+CONFIRM_SECONDS = 10.0  # the longest wait for the collector's next confirmation
 
 FollowUp = Steps | Heartbeat | Ack | Bye  # what a connection sends after its hello
 
@@ -49,6 +54,7 @@ class Summary:
     lines: int = 0
     sent: int = 0  # frames sent (after coalescing)
     connections: int = 0
+    confirmed: int = 0  # records the collector confirmed
     rejected: list[str] = field(default_factory=list)  # "line N: why"
 
 
@@ -84,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
             return 1
         failed = failed or bool(summary.rejected)
         print(f"ingested {path}: {summary.lines} lines, {summary.sent} messages sent over "
-              f"{summary.connections} connection(s), {len(summary.rejected)} rejected")
+              f"{summary.connections} connection(s), {len(summary.rejected)} rejected; "
+              f"{summary.confirmed} steps confirmed by the collector")
         for reason in summary.rejected[:20]:
             print(f"  rejected {reason}")
         if len(summary.rejected) > 20:
@@ -94,36 +101,89 @@ def main(args: argparse.Namespace) -> int:
 
 def replay(lines: list[str], url: str, token: str | None, rate: float, progress: TextIO | None = None) -> Summary:
     """Send `lines` to the collector at `url`, one connection per hello, at most `rate`
-    frames per second."""
+    frames per second; each connection ends once the collector confirmed its records."""
     summary = Summary(lines=len(lines))
     pacer = _Pacer(rate)
     last_progress = 0.0
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     for (hello_number, hello), segment in _segments(lines, summary):
         summary.connections += 1
-        frames = [(hello_number, encode(hello)), *_coalesce(segment)]
+        outbox, line_of = _fill(segment)
         with connect(url, additional_headers=headers, max_size=None, open_timeout=10) as ws:
             number = hello_number
             try:
-                for number, frame in frames:
+                pacer.wait()
+                ws.send(encode(hello))
+                summary.sent += 1
+                ws.recv(timeout=10)  # the welcome, or the hello's refusal
+                while (frame := outbox.next_frame()) is not None:
+                    number = _line(frame, line_of, number)
                     pacer.wait()
-                    ws.send(frame)
+                    ws.send(encode(frame))
+                    outbox.sent(frame)
                     summary.sent += 1
-                    if number == hello_number:
-                        ws.recv(timeout=10)  # the welcome, or the hello's refusal
+                    _take_confirmations(ws, outbox, wait=0.0)
                     if progress is not None and time.monotonic() - last_progress >= PROGRESS_SECONDS:
                         last_progress = time.monotonic()
                         print(f"\ringest: line {number}/{summary.lines}, {summary.sent} messages sent, "
                               f"{len(summary.rejected)} rejected", end="", file=progress, flush=True)
+                if outbox.in_flight:
+                    _take_confirmations(ws, outbox, wait=CONFIRM_SECONDS)
                 ws.close()
             except ConnectionClosed:
                 pass
             if ws.close_code != 1000:  # the collector closed it: a refusal with its reason
                 summary.rejected.append(f"line {number}: connection closed by the collector: "
                                         f"{ws.close_code} {ws.close_reason}")
+            elif outbox.in_flight:
+                summary.rejected.append(f"line {number}: {outbox.in_flight} steps sent but not confirmed by the "
+                                        f"collector within {CONFIRM_SECONDS:g} s")
+        summary.confirmed += outbox.delivered
     if progress is not None:
         print(file=progress)  # end the progress line
     return summary
+
+
+def _fill(segment: list[tuple[int, FollowUp]]) -> tuple[Outbox, dict[int, int]]:
+    """An outbox holding one connection's frames (large enough to never drop or shed one),
+    and the spool line of each record and message, by id."""
+    records = sum(len(message.records) for _, message in segment if isinstance(message, Steps))
+    outbox = Outbox(max_records=max(1, records), max_detail_records=records,
+                    batch_records=MAX_RECORDS_PER_BATCH, batch_bytes=MAX_BATCH_BYTES)
+    line_of: dict[int, int] = {}
+    for number, message in segment:
+        if isinstance(message, Steps):
+            for record in message.records:
+                outbox.add(record)
+                line_of[id(record)] = number
+            outbox.count_drop(message.dropped)  # the probe's drops, forwarded with the next batch
+        else:
+            outbox.add_message(message)
+            line_of[id(message)] = number
+    return outbox, line_of
+
+
+def _line(frame: Frame, line_of: dict[int, int], default: int) -> int:
+    """The spool line a frame ends with (a batch of drops only: the line before)."""
+    last = frame.records[-1] if isinstance(frame, Steps) and frame.records else frame
+    return line_of.get(id(last), default)
+
+
+def _take_confirmations(ws: ClientConnection, outbox: Outbox, wait: float) -> None:
+    """Take in the collector's confirmations (actions are not replayed) until all came, or
+    nothing more comes within `wait` seconds."""
+    while outbox.in_flight:
+        try:
+            data = ws.recv(timeout=wait)
+        except TimeoutError:
+            return
+        try:
+            message = decode_collector_message(data)
+        except ProtocolError as err:
+            print(f"gradwatch ingest: ignoring a message from the collector: {err.reason}", file=sys.stderr)
+            continue
+        if isinstance(message, Received):
+            outbox.confirm(message.step)
 
 
 class _Pacer:
@@ -160,27 +220,3 @@ def _segments(lines: list[str], summary: Summary) -> Iterator[tuple[tuple[int, H
             segment.append((number, message))
     if hello is not None:
         yield hello, segment
-
-
-def _coalesce(segment: list[tuple[int, FollowUp]]) -> Iterator[tuple[int, str]]:
-    """Frames to send: runs of `steps` merged into batches, everything else as is."""
-    records: list[StepRecord] = []
-    dropped = size = 0
-    last = 0
-    for number, message in segment:
-        last = number
-        if isinstance(message, Steps):
-            for record in message.records:
-                records.append(record)
-                size += len(encode(record))
-                if len(records) >= MAX_RECORDS_PER_BATCH or size >= MAX_BATCH_BYTES:
-                    yield number, encode(Steps(records=records, dropped=dropped))
-                    records, dropped, size = [], 0, 0
-            dropped += message.dropped
-            continue
-        if records or dropped:
-            yield number, encode(Steps(records=records, dropped=dropped))
-            records, dropped, size = [], 0, 0
-        yield number, encode(message)
-    if records or dropped:
-        yield last, encode(Steps(records=records, dropped=dropped))

@@ -2,16 +2,19 @@
 
     import gradwatch
     run = gradwatch.attach(model, optimizer)   # or: from gradwatch import probe; probe.attach(...)
+
+Importing this package does not import torch (`attach` does): the probe's torch-free parts,
+such as the outbox that `gradwatch ingest` reuses, load without it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-from gradwatch.probe.environment import unwrap_optimizer
-from gradwatch.probe.run import Run
+if TYPE_CHECKING:
+    from gradwatch.probe.run import Run
 
 __all__ = ["Run", "attach"]
 
@@ -43,6 +46,8 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     if os.environ.get("GRADWATCH_DISABLE", "").lower() in ("1", "true", "yes"):
         return DisabledRun()
     try:
+        from gradwatch.probe.run import Run
+
         existing = _attached(model, optimizer)
         if existing is not None:
             log.warning("gradwatch: run %r is already attached to this model/optimizer; returning it "
@@ -57,6 +62,9 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
 
 def _attached(model: Any, optimizer: Any) -> Run | None:
     """The live run already attached to this model or optimizer, if any."""
+    from gradwatch.probe.environment import unwrap_optimizer
+    from gradwatch.probe.run import Run
+
     for run in list(Run.live):
         if run.model is model or (optimizer is not None and run.optimizer is unwrap_optimizer(optimizer)[0]):
             return run
@@ -81,3 +89,11 @@ class DisabledRun:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Run":  # imported on first use: it needs torch
+        from gradwatch.probe.run import Run
+
+        return Run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

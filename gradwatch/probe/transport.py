@@ -1,17 +1,20 @@
 """The probe's transport: one background thread per run that turns measured steps into
 protocol messages and ships them, so that no I/O ever happens on the training thread.
 
-- ``ws://`` / ``wss://``: the websockets library's sync client; batched ``steps`` frames,
-  reconnection with exponential backoff, actions received from the collector.
-- ``file:PATH``: the same frames as JSON lines (an offline spool for ``gradwatch ingest``);
-  ranks of a distributed run write ``PATH.rank<N>``.
+What to send, send again, shed and count is the outbox's (`outbox.py`, pure); this module is
+the shell around it: the thread, the clock, and a sink, one of
 
-Sent records are kept until the collector confirms it took them in (``received``); after a
-reconnect the unconfirmed ones are sent again (the collector ignores steps it already has),
-so a collector killed mid-batch loses nothing. Memory is bounded: while the collector is
-unreachable, records are buffered up to ``max_records``; per-layer detail is the first thing let go (oldest first, beyond
-``max_detail_records``), then the oldest records. Every drop is counted and reported to
-the collector with the next batch, and logged once the link is back.
+- `WebSocketSink` (``ws://`` / ``wss://``): the websockets library's sync client; batched
+  ``steps`` frames the collector confirms (``received``), heartbeats, actions received;
+- `FileSink` (``file:PATH``): the same frames as JSON lines (an offline spool for
+  ``gradwatch ingest``), delivered once written; ranks of a distributed run write ``PATH.rank<N>``.
+
+Failures: a network failure (`NETWORK_ERRORS`) is retried with exponential backoff, the
+records the collector never confirmed are sent again after the reconnect, and the outage is
+logged once. A collector that refuses the token, or an address that answers plain HTTP, is
+said once, with the fix, and not retried. Any other exception is a bug of the probe: logged
+once with its traceback, after which the transport switches itself off. Switched off,
+training goes on and every record it cannot send is counted as dropped.
 """
 
 from __future__ import annotations
@@ -20,31 +23,153 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
 from websockets.sync.client import ClientConnection, connect
 
 from gradwatch import protocol
-from gradwatch.protocol import (
-    Action,
-    Bye,
-    Heartbeat,
-    Hello,
-    Received,
-    StepRecord,
-    Steps,
-    Welcome,
-)
+from gradwatch.probe.outbox import Outbox
+from gradwatch.protocol import Action, Bye, Hello, Received, StepRecord
 
 log = logging.getLogger("gradwatch.probe")
 
 Job = Callable[[], StepRecord | None]
 
+# A failure of the link, worth retrying; any other exception in the transport is a bug.
+NETWORK_ERRORS = (OSError, TimeoutError, ConnectionClosed, InvalidURI, InvalidHandshake)
+
 _CLOSE_CODES_NOT_WORTH_RETRYING_SOON = {protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_UNSUPPORTED_VERSION}
+_CONFIRM_WAIT = 2.0  # seconds detach waits for the collector's last confirmations
+
+
+class Sink(Protocol):
+    """Where frames go: `open` (the hello included), `send`, `receive` what comes back until
+    nothing more does within `wait` seconds, `keepalive` an idle link, `close`. The first
+    three raise one of NETWORK_ERRORS when the link fails."""
+
+    confirms: bool  # True: records stay in flight until the collector confirms them
+
+    def open(self) -> None: ...
+    def send(self, frame: str) -> None: ...
+    def receive(self, wait: float) -> Iterator[Received | Action]: ...
+    def keepalive(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class WebSocketSink:
+    confirms = True
+
+    def __init__(self, url: str, hello: Hello, token: str | None, heartbeat_interval: float) -> None:
+        self.url = url
+        self._hello = hello
+        self._headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._heartbeat_interval = heartbeat_interval
+        self._ws: ClientConnection | None = None
+        self._context = ExitStack()  # holds the open connection's context manager
+        self._last_send = 0.0
+
+    def open(self) -> None:
+        with ExitStack() as stack:  # closes the connection unless the greeting succeeds
+            # No permessage-deflate: a 200-layer detailed frame deflates from 13 KB to 4 KB, for
+            # ~0.5 ms of this host's CPU and ~0.1 ms of the collector's (docs/performance.md).
+            ws = stack.enter_context(connect(
+                self.url, additional_headers=self._headers, open_timeout=5, close_timeout=2, max_size=2**22,
+                compression=None,
+            ))
+            ws.send(protocol.encode(self._hello))
+            try:
+                welcome = protocol.decode_collector_message(ws.recv(timeout=5))
+            except protocol.ProtocolError as err:  # a websocket server, but not a collector
+                raise ConnectionError(f"not a collector's greeting: {err.reason}") from err
+            if not isinstance(welcome, protocol.Welcome):
+                raise ConnectionError(f"expected a welcome from the collector, got {welcome.type}")
+            self._ws = ws
+            self._context = stack.pop_all()
+        self._last_send = time.monotonic()
+
+    def send(self, frame: str) -> None:
+        assert self._ws is not None, "send before open"
+        self._ws.send(frame)
+        self._last_send = time.monotonic()
+
+    def receive(self, wait: float) -> Iterator[Received | Action]:
+        assert self._ws is not None, "receive before open"
+        while True:
+            try:
+                data = self._ws.recv(timeout=wait)
+            except TimeoutError:
+                return  # nothing more for now
+            try:
+                message = protocol.decode_collector_message(data)
+            except protocol.ProtocolError as err:
+                log.warning("gradwatch: ignoring a message from the collector: %s", err.reason)
+                continue
+            yield message
+
+    def keepalive(self) -> None:
+        if time.monotonic() - self._last_send > self._heartbeat_interval:
+            self.send(protocol.encode(protocol.Heartbeat(time=time.time())))
+
+    def close(self) -> None:
+        if self._ws is None:
+            return
+        self._ws = None
+        try:
+            self._context.close()
+        except Exception:  # closing a broken socket may fail in any way; it is gone either way
+            log.debug("gradwatch: closing the connection to %s failed", self.url, exc_info=True)
+
+
+class FileSink:
+    confirms = False  # written is delivered
+
+    def __init__(self, path: Path, hello: Hello) -> None:
+        self.path = path
+        self._hello = hello
+        self._file: IO[str] | None = None
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self.send(protocol.encode(self._hello))
+
+    def send(self, frame: str) -> None:
+        assert self._file is not None, "send before open"
+        self._file.write(frame + "\n")
+        self._file.flush()
+
+    def receive(self, wait: float) -> Iterator[Received | Action]:
+        return iter(())  # a file answers nothing
+
+    def keepalive(self) -> None:
+        """A file needs no heartbeat."""
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            file.close()
+        except OSError:  # the write that failed already said why; the file is gone either way
+            log.debug("gradwatch: closing the spool %s failed", self.path, exc_info=True)
+
+
+def make_sink(url: str, hello: Hello, token: str | None, heartbeat_interval: float) -> Sink:
+    if not url.startswith("file:"):
+        return WebSocketSink(url, hello, token, heartbeat_interval)
+    path = Path(url[len("file:"):])
+    if hello.world_size > 1:  # one spool per rank: lines of ranks never interleave
+        path = path.with_name(f"{path.name}.rank{hello.rank}")
+    return FileSink(path, hello)
 
 
 class Transport:
@@ -63,323 +188,222 @@ class Transport:
         batch_size: int = 200,
     ) -> None:
         self.url = url
-        self.hello = hello
         self._on_action = on_action
-        self._token = token
-        self._max_records = max_records
-        self._max_detail_records = max_detail_records
         self._max_backlog = max_backlog
         self._flush_interval = flush_interval
-        self._heartbeat_interval = heartbeat_interval
-        self._batch_size = batch_size
-
+        self._sink = make_sink(url, hello, token, heartbeat_interval)
+        self._outbox = Outbox(max_records=max_records, max_detail_records=max_detail_records, batch_records=batch_size)
+        # The outbox is not thread-safe: the background thread uses it under this lock, and
+        # the training thread takes it only to count a drop.
+        self._lock = threading.Lock()
         self._backlog: deque[Job | protocol.Ack] = deque()  # training thread -> background thread
-        self._buffer: deque[StepRecord] = deque()  # records waiting to be sent
-        self._unconfirmed: deque[StepRecord] = deque()  # sent, not yet confirmed by `received`
-        # Steps of sent records let go before their confirmation (to stay within max_records):
-        # dropped only if the collector never confirms them (the link fails first).
-        self._evicted_unconfirmed: deque[int] = deque()
-        self._detail_in_buffer = 0
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._bye: Bye | None = None
-
-        self.dropped = 0  # records lost for good, over the whole run
-        self.detail_dropped = 0  # records that lost their per-layer detail
-        self._dropped_unreported = 0
-        self.sent = 0
-
-        self._ws: ClientConnection | None = None
-        self._ws_context = ExitStack()  # holds the open connection's context manager
-        self._spool: IO[str] | None = None
-        self._backoff = 0.5
-        self._next_attempt = 0.0
-        self._outage_warned = False
-        self._last_send = time.monotonic()
+        self._off = False  # switched off for the rest of the run: nothing is sent any more
+        self._bye = Bye()
 
         self._thread = threading.Thread(target=self._loop, name=f"gradwatch-{hello.run}", daemon=True)
         self._thread.start()
 
     # ---- training-thread side: never blocks -------------------------------------------
 
+    @property
+    def dropped(self) -> int:
+        """Records lost for good, over the whole run."""
+        return self._outbox.dropped
+
     def backlog_full(self) -> bool:
-        return len(self._backlog) >= self._max_backlog
+        return self._off or len(self._backlog) >= self._max_backlog
 
     def submit(self, job: Job | protocol.Ack) -> None:
         if self.backlog_full():
-            self.count_drop()
+            if not isinstance(job, protocol.Ack):  # an ack is not a step: no drop to count
+                self.count_drop()
             return
         self._backlog.append(job)
 
     def count_drop(self) -> None:
-        self.dropped += 1
-        self._dropped_unreported += 1
+        with self._lock:
+            self._outbox.count_drop()
 
     def close(self, status: str = "finished", reason: str = "", timeout: float = 5.0) -> None:
         """Flush what is buffered (for at most `timeout` seconds), say bye, stop the thread."""
         if self._stopping.is_set():
             return
-        self._bye = Bye(status=status, reason=reason[:500], dropped=self.dropped)  # type: ignore[arg-type]
+        self._bye = Bye(status=status, reason=reason[:500])  # type: ignore[arg-type]
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning(
-                "gradwatch: could not deliver %d buffered steps to %s within %.0fs; giving up",
-                len(self._buffer) + len(self._backlog), self.url, timeout,
-            )
+            held = self._outbox.waiting + self._outbox.in_flight + len(self._backlog)
+            log.warning("gradwatch: could not deliver %d buffered steps to %s within %.0fs; giving up",
+                        held, self.url, timeout)
+        elif self._off:
+            self._discard_backlog()  # submitted as it switched off
 
     # ---- background thread ------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not self._off:
                 self._wake.wait(self._flush_interval)
                 self._wake.clear()
                 self._pump(final=False)
-            self._pump(final=True)
-            self._say_bye()
-        except Exception:  # the probe must never take training down, even through its own bug
-            log.exception("gradwatch: transport stopped by an internal error; training continues unmonitored")
+            if not self._off:
+                self._pump(final=True)
+                self._say_bye()
+        except Exception:  # a bug of the probe must never take training down, nor be retried
+            log.exception("gradwatch: the transport to %s failed on an internal error and is switched off; "
+                          "training continues unmonitored, its steps counted as dropped", self.url)
+            self._switch_off()
         finally:
-            self._disconnect()
+            self._sink.close()
 
     def _pump(self, final: bool) -> None:
         self._drain_backlog()
-        if not self._ensure_link(final):
-            return
-        while self._buffer:
-            if not self._send_batch():
-                return
-        self._receive()
-        if self._ws is not None and time.monotonic() - self._last_send > self._heartbeat_interval:
-            self._send_frame(protocol.encode(Heartbeat(time=time.time())))
+        if self._connect(final):
+            self._guarded(self._exchange)
 
     def _drain_backlog(self) -> None:
         while self._backlog:
             item = self._backlog.popleft()
             if isinstance(item, protocol.Ack):
-                self._send_frame(protocol.encode(item))
+                with self._lock:
+                    self._outbox.add_message(item)
                 continue
             try:
                 record = item()
-            except Exception:
+            except Exception:  # the run's reading of one step failed: that step is lost, not the run
                 log.exception("gradwatch: could not read a measured step; it is dropped")
                 self.count_drop()
                 continue
             if record is not None:
-                self._buffer_record(record)
+                with self._lock:
+                    self._outbox.add(record)
 
-    def _buffer_record(self, record: StepRecord) -> None:
-        self._buffer.append(record)
-        if record.layer_grad_sq is not None:
-            self._detail_in_buffer += 1
-        if self._detail_in_buffer > self._max_detail_records:
-            self._strip_oldest_detail()
-        while len(self._buffer) + len(self._unconfirmed) > self._max_records:
-            if self._unconfirmed:
-                self._evicted_unconfirmed.append(self._unconfirmed.popleft().step)
-                if len(self._evicted_unconfirmed) > self._max_records:
-                    self._evicted_unconfirmed.popleft()
-                    self.count_drop()
-            else:
-                old = self._buffer.popleft()
-                self._detail_in_buffer -= old.layer_grad_sq is not None
-                self.count_drop()
-
-    def _strip_oldest_detail(self) -> None:
-        for i, old in enumerate(self._buffer):
-            if old.layer_grad_sq is not None:
-                self._buffer[i] = old.model_copy(
-                    update={"layer_grad_sq": None, "layer_weight_sq": None, "layer_update_sq": None,
-                            "layer_frozen": None}
-                )
-                self._detail_in_buffer -= 1
-                self.detail_dropped += 1
-                return
-
-    # ---- link management ----------------------------------------------------------------
-
-    def _ensure_link(self, final: bool) -> bool:
-        if self._ws is not None or self._spool is not None:
-            return True
-        now = time.monotonic()
-        if now < self._next_attempt and not final:
-            return False
-        try:
-            if self.url.startswith("file:"):
-                self._open_spool()
-            else:
-                self._connect()
-        except Exception as err:  # noqa: BLE001 - every failure to connect is handled alike
-            self._on_link_failure(err)
-            return False
-        if self._outage_warned:
-            log.warning(
-                "gradwatch: reconnected to %s; sending %d buffered steps (%d dropped so far, %d "
-                "stripped of per-layer detail)",
-                self.url, len(self._buffer), self.dropped, self.detail_dropped,
-            )
-        self._outage_warned = False
-        self._backoff = 0.5
-        return True
-
-    def _open_spool(self) -> None:
-        path = Path(self.url[len("file:"):])
-        if self.hello.world_size > 1:  # one spool per rank: lines of ranks never interleave
-            path = path.with_name(f"{path.name}.rank{self.hello.rank}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._spool = path.open("a", encoding="utf-8")
-        self._write_line(protocol.encode(self.hello))
-
-    def _connect(self) -> None:
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
-        with ExitStack() as stack:  # closes the connection unless the greeting succeeds
-            # No permessage-deflate: a 200-layer detailed frame deflates from 13 KB to 4 KB, for
-            # ~0.5 ms of this host's CPU and ~0.1 ms of the collector's (docs/performance.md).
-            ws = stack.enter_context(connect(
-                self.url, additional_headers=headers, open_timeout=5, close_timeout=2, max_size=2**22,
-                compression=None,
-            ))
-            ws.send(protocol.encode(self.hello))
-            welcome = protocol.decode_collector_message(ws.recv(timeout=5))
-            if not isinstance(welcome, Welcome):
-                raise ConnectionError(f"expected a welcome from the collector, got {welcome.type}")
-            self._ws = ws
-            self._ws_context = stack.pop_all()
-
-    def _on_link_failure(self, err: BaseException) -> None:
-        self._requeue_unconfirmed()
-        reason = _explain(err)
-        delay_cap = 30.0
-        if isinstance(err, ConnectionClosed) and err.rcvd is not None and err.rcvd.code in _CLOSE_CODES_NOT_WORTH_RETRYING_SOON:
-            delay_cap = 300.0
-        if isinstance(err, InvalidStatus) and err.response.status_code in (401, 403):
-            delay_cap = 300.0
-        if not self._outage_warned:
-            log.warning(
-                "gradwatch: collector at %s is unreachable (%s); training continues, buffering up "
-                "to %d steps and retrying in the background",
-                self.url, reason, self._max_records,
-            )
-            self._outage_warned = True
-        else:
-            log.debug("gradwatch: reconnect to %s failed: %s", self.url, reason)
-        self._next_attempt = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, delay_cap)
-        self._disconnect()
-
-    def _requeue_unconfirmed(self) -> None:
-        """Records the collector never confirmed go back to the front of the buffer (those
-        already let go are dropped now)."""
-        while self._evicted_unconfirmed:
-            self._evicted_unconfirmed.popleft()
-            self.count_drop()
-        while self._unconfirmed:
-            record = self._unconfirmed.pop()
-            self._buffer.appendleft(record)
-            self._detail_in_buffer += record.layer_grad_sq is not None
-
-    def _disconnect(self) -> None:
-        if self._ws is not None:
-            try:
-                self._ws_context.close()
-            except Exception as err:  # noqa: BLE001 - closing a broken socket may fail in any way
-                log.debug("gradwatch: closing the connection to %s: %s", self.url, err)
-            self._ws = None
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-
-    # ---- frames -----------------------------------------------------------------------
-
-    def _send_batch(self) -> bool:
-        batch = [self._buffer[i] for i in range(min(self._batch_size, len(self._buffer)))]
-        frame = protocol.encode(Steps(records=batch, dropped=self._dropped_unreported))
-        if not self._send_frame(frame):
-            return False
-        for _ in batch:
-            old = self._buffer.popleft()
-            self._detail_in_buffer -= old.layer_grad_sq is not None
-            if self._ws is not None:
-                self._unconfirmed.append(old)
-        self._dropped_unreported = 0
-        self.sent += len(batch)
-        return True
-
-    def _send_frame(self, frame: str) -> bool:
-        if self._spool is not None:
-            self._write_line(frame)
-            return True
-        if self._ws is None:
-            return False
-        try:
-            self._ws.send(frame)
-        except (ConnectionClosed, OSError, WebSocketException) as err:
-            self._on_link_failure(err)
-            return False
-        self._last_send = time.monotonic()
-        return True
-
-    def _write_line(self, frame: str) -> None:
-        assert self._spool is not None
-        self._spool.write(frame + "\n")
-        self._spool.flush()
-
-    def _receive(self, wait: float = 0.0) -> None:
-        """Takes in what the collector sent: confirmations and actions."""
-        if self._ws is None:
-            return
+    def _exchange(self) -> None:
+        """Send what is ready, take in what came back, keep the link alive."""
         while True:
-            try:
-                data = self._ws.recv(timeout=wait)
-            except TimeoutError:
-                return
-            except (ConnectionClosed, OSError, WebSocketException) as err:
-                self._on_link_failure(err)
-                return
-            try:
-                message = protocol.decode_collector_message(data)
-            except protocol.ProtocolError as err:
-                log.warning("gradwatch: ignoring a message from the collector: %s", err.reason)
-                continue
+            with self._lock:
+                frame = self._outbox.next_frame()
+            if frame is None:
+                break
+            self._sink.send(protocol.encode(frame))
+            with self._lock:
+                self._outbox.sent(frame, confirmed=not self._sink.confirms)
+        self._receive(wait=0.0)
+        self._sink.keepalive()
+
+    def _receive(self, wait: float) -> None:
+        for message in self._sink.receive(wait):
             if isinstance(message, Received):
-                while self._unconfirmed and self._unconfirmed[0].step <= message.step:
-                    self._unconfirmed.popleft()
-                while self._evicted_unconfirmed and self._evicted_unconfirmed[0] <= message.step:
-                    self._evicted_unconfirmed.popleft()
-                if wait and not self._unconfirmed and not self._evicted_unconfirmed:
+                with self._lock:
+                    self._outbox.confirm(message.step)
+                    settled = not self._outbox.in_flight
+                if wait and settled:
                     return
-            elif isinstance(message, Action):
+            else:
                 self._on_action(message)
 
     def _say_bye(self) -> None:
-        deadline = time.monotonic() + 2.0
-        while (self._unconfirmed or self._evicted_unconfirmed) and self._ws is not None and time.monotonic() < deadline:
-            self._receive(wait=0.1)
-        undelivered = len(self._unconfirmed) + len(self._buffer) + len(self._evicted_unconfirmed)
+        deadline = time.monotonic() + _CONFIRM_WAIT
+        while self._outbox.in_flight and self._outbox.linked and time.monotonic() < deadline:
+            self._guarded(lambda: self._receive(wait=0.1))
+        with self._lock:
+            undelivered = self._outbox.close()
         if undelivered:
             log.warning("gradwatch: %d steps could not be delivered to %s before detach; counted as dropped",
                         undelivered, self.url)
-            for _ in range(undelivered):
-                self.count_drop()
-            self._unconfirmed.clear()
-            self._evicted_unconfirmed.clear()
-            self._buffer.clear()
-        if self._bye is None or not self._ensure_link(final=True):
+        if self._connect(final=True):
+            bye = self._bye.model_copy(update={"dropped": self._outbox.dropped})
+            self._guarded(lambda: self._sink.send(protocol.encode(bye)))
+
+    # ---- the link -----------------------------------------------------------------------
+
+    def _connect(self, final: bool) -> bool:
+        """Whether the link is up, opening it when the backoff allows (or `final`)."""
+        if self._off:
+            return False
+        with self._lock:
+            if self._outbox.linked:
+                return True
+            if not (final or self._outbox.may_connect(time.monotonic())):
+                return False
+        if not self._guarded(self._sink.open):
+            return False
+        with self._lock:
+            outage_ended = self._outbox.connected()
+            waiting, dropped, stripped = self._outbox.waiting, self._outbox.dropped, self._outbox.detail_dropped
+        if outage_ended:
+            log.warning("gradwatch: reconnected to %s; sending %d buffered steps (%d dropped so far, %d "
+                        "stripped of per-layer detail)", self.url, waiting, dropped, stripped)
+        return True
+
+    def _guarded(self, step: Callable[[], None]) -> bool:
+        """Run one I/O step; False when the link failed (handled here)."""
+        try:
+            step()
+        except NETWORK_ERRORS as err:
+            self._link_failed(err)
+            return False
+        return True
+
+    def _link_failed(self, err: Exception) -> None:
+        self._sink.close()
+        refusal = _refusal(err, self.url)
+        if refusal is not None:
+            log.warning("%s", refusal)
+            self._switch_off()
             return
-        bye = self._bye.model_copy(update={"dropped": self.dropped})
-        self._send_frame(protocol.encode(bye))
+        slow = (isinstance(err, ConnectionClosed) and err.rcvd is not None
+                and err.rcvd.code in _CLOSE_CODES_NOT_WORTH_RETRYING_SOON)
+        with self._lock:
+            outage_started = self._outbox.link_lost(time.monotonic(), slow=slow)
+        if outage_started:
+            log.warning(
+                "gradwatch: collector at %s is unreachable (%s); training continues, buffering up "
+                "to %d steps and retrying in the background",
+                self.url, _explain(err), self._outbox.max_records,
+            )
+        else:
+            log.debug("gradwatch: reconnect to %s failed: %s", self.url, _explain(err))
+
+    def _switch_off(self) -> None:
+        """Nothing more is sent for the rest of the run; what is held, and every step from
+        now on, is counted as dropped."""
+        self._off = True
+        with self._lock:
+            self._outbox.close()
+        self._discard_backlog()
+        self._sink.close()
+
+    def _discard_backlog(self) -> None:
+        while self._backlog:
+            if not isinstance(self._backlog.popleft(), protocol.Ack):
+                self.count_drop()
 
 
-def _explain(err: BaseException) -> str:
+def _refusal(err: Exception, url: str) -> str | None:
+    """The one line to say when retrying cannot help: a refused token, or an HTTP server."""
+    if not isinstance(err, InvalidStatus):
+        return None
+    status = err.response.status_code
+    if status in (401, 403):
+        return (f"gradwatch: the collector at {url} refused this probe's token (HTTP {status}); set "
+                "GRADWATCH_TOKEN (or attach(token=...)) to the collector's token. Not retrying: training "
+                "continues unmonitored, its steps counted as dropped")
+    if status < 500 and status not in (408, 429):  # 5xx, timeouts and rate limits pass: retried
+        return (f"gradwatch: {url} answered plain HTTP {status}, not a collector's websocket; point "
+                "GRADWATCH_URL at the collector's ingest port, ws://HOST:8765 (its --port, not its "
+                "--http-port). Not retrying: training continues unmonitored, its steps counted as dropped")
+    return None
+
+
+def _explain(err: Exception) -> str:
     if isinstance(err, ConnectionClosed) and err.rcvd is not None:
         return f"closed by the collector with code {err.rcvd.code}: {err.rcvd.reason or 'no reason given'}"
     if isinstance(err, InvalidStatus):
-        status = err.response.status_code
-        hint = " (set GRADWATCH_TOKEN to the collector's token)" if status in (401, 403) else ""
-        return f"HTTP {status} during the websocket handshake{hint}"
+        return f"HTTP {err.response.status_code} during the websocket handshake"
     if isinstance(err, ConnectionRefusedError):
         return "connection refused: is `gradwatch collector` running there?"
     return f"{type(err).__name__}: {err}"
-
