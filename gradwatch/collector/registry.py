@@ -7,22 +7,18 @@ touches a socket, a file or the clock.
 Merging ranks: a step is merged once every rank that is still reporting has reached it
 (its highest step is >= it), or once it has waited `rank_wait_seconds` for the others (a
 straggler's late record for a merged step is then ignored). A rank lost (silent for
-`heartbeat_timeout`) or finished no longer holds merging back. With
-`hello.sharded`, squared norms are partial and summed over ranks; otherwise every rank saw
-the same gradients and they are read from the lowest rank. Which layers are frozen is read
-from the lowest rank either way.
+`heartbeat_timeout`) or finished no longer holds merging back. How records merge:
+`merge.py`; the events: `events.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 from gradwatch.collector.actions import ActionPlanner, RunActionState
 from gradwatch.collector.config import RetentionConfig
@@ -33,6 +29,21 @@ from gradwatch.collector.detectors.base import (
     Severity,
 )
 from gradwatch.collector.detectors.runbook import hint
+from gradwatch.collector.events import (
+    ENDED_STATUSES,
+    RUN_STATUSES,
+    ActionAcked,
+    ActionIssued,
+    AlertRaised,
+    DetectorFailed,
+    Event,
+    RunEvicted,
+    RunStarted,
+    RunStatus,
+    StatusChanged,
+)
+from gradwatch.collector.merge import MergedStep, is_nonfinite, merge_step
+from gradwatch.collector.series import RunSeries
 from gradwatch.protocol import (
     CLOSE_POLICY,
     Ack,
@@ -45,65 +56,8 @@ from gradwatch.protocol import (
     Welcome,
 )
 
-RunStatus = Literal["running", "degraded", "finished", "stopped", "crashed", "lost"]
-RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
-ENDED_STATUSES = frozenset({"finished", "stopped", "crashed", "lost"})
 RATE_WINDOW = 32  # recent merged steps used to estimate a run's step rate
 MAX_PENDING_STEPS = 10_000  # unmerged steps per run, whatever the stragglers: bounds memory
-
-
-# Events: what the shell has to act on.
-@dataclass(frozen=True)
-class RunStarted:
-    run: str
-    world_size: int
-    sharded: bool
-    actions: bool
-
-
-@dataclass(frozen=True)
-class StatusChanged:
-    run: str
-    old: RunStatus
-    new: RunStatus
-    reason: str
-
-
-@dataclass(frozen=True)
-class AlertRaised:
-    run: str
-    alert: AlertEvent
-
-
-@dataclass(frozen=True)
-class ActionIssued:
-    run: str
-    action: Action
-    alert_kind: str
-
-
-@dataclass(frozen=True)
-class ActionAcked:
-    run: str
-    rank: int
-    ack: Ack
-    alert_kind: str
-
-
-@dataclass(frozen=True)
-class RunEvicted:
-    run: str
-
-
-@dataclass(frozen=True)
-class DetectorFailed:
-    run: str
-    kind: str
-    error: str
-    traceback: str = ""  # formatted where it was raised: a detector bug must be findable from the log
-
-
-Event = RunStarted | StatusChanged | AlertRaised | ActionIssued | ActionAcked | RunEvicted | DetectorFailed
 
 
 @dataclass(frozen=True)
@@ -128,15 +82,6 @@ class RankState:
     @property
     def reporting(self) -> bool:
         return self.bye is None and not self.lost
-
-
-@dataclass
-class MergedStep:
-    """One merged step: what the detectors see, plus what only the metrics need."""
-
-    observation: Observation
-    momentum: tuple[float | None, ...] = ()
-    weight_decay: tuple[float | None, ...] = ()
 
 
 MAX_SCALAR_NAMES = 256  # per run, across all steps: bounds the gradwatch_scalar series
@@ -206,6 +151,7 @@ class RunState:
     active_alerts: dict[tuple[str, str | None], AlertEvent] = field(default_factory=dict)
     actions_total: Counter[tuple[str, str]] = field(default_factory=Counter)  # (action, outcome)
     action_state: RunActionState = field(default_factory=RunActionState)
+    series: RunSeries = field(default_factory=RunSeries)  # what the run's web page draws
 
     @property
     def ended(self) -> bool:
@@ -252,6 +198,7 @@ class Registry:
         self.planner = planner or ActionPlanner({})
         self.runs: dict[str, RunState] = {}
         self.evicted_total = 0
+        self.http_url = ""  # told to every probe in its welcome; the server sets it once bound
 
     # --- messages ------------------------------------------------------------------------
 
@@ -279,7 +226,7 @@ class Registry:
         run.last_seen = now
         events += self._update_status(run, now)
         with_actions = hello.actions and self.planner.enabled
-        welcome = Welcome(run=run.name, actions=with_actions)
+        welcome = Welcome(run=run.name, actions=with_actions, http_url=self.http_url)
         actions = self.planner.arming(run.action_state) if with_actions else []
         for action in actions:
             run.actions_total[(action.kind, "armed")] += 1
@@ -498,6 +445,7 @@ class Registry:
         run.steps_total += 1
         run.skipped_steps_total += obs.skipped
         run.nonfinite_steps_total += is_nonfinite(obs)
+        run.series.observe(obs)
         if obs.layer_grad_norm is not None:
             run.latest_layer_detail = obs
             obs_for_history = dataclasses.replace(
@@ -520,127 +468,3 @@ class Registry:
             for alert in alerts:
                 events += self._record_alert(run, alert, alert.layer)
         return events
-
-
-# --- merging ---------------------------------------------------------------------------------
-
-
-def merge_step(step: int, by_rank: Mapping[int, StepRecord], sharded: bool, layers: tuple[str, ...]) -> MergedStep:
-    """Merge the records of one step from several ranks into one observation."""
-    ranks = sorted(by_rank)
-    records = [by_rank[r] for r in ranks]
-    first = records[0]
-    if sharded:
-        grad_sq = _sum_scalars(r.grad_norm_sq for r in records)
-        layer_grad_sq = _sum_layers([r.layer_grad_sq for r in records])
-        layer_weight_sq = _sum_layers([r.layer_weight_sq for r in records])
-        layer_update_sq = _sum_layers([r.layer_update_sq for r in records])
-    else:
-        grad_sq = first.grad_norm_sq
-        layer_grad_sq, layer_weight_sq, layer_update_sq = (
-            first.layer_grad_sq, first.layer_weight_sq, first.layer_update_sq
-        )
-    losses = [r.loss for r in records if r.loss is not None]
-    scalars: dict[str, float] = {}
-    for record in reversed(records):  # the lowest rank wins a name several ranks log
-        scalars.update(record.scalars)
-    n_layers = len(layers)
-    layer_weight_norm = _layer_roots(layer_weight_sq, n_layers)
-    observation = Observation(
-        step=step,
-        time=max(r.time for r in records),
-        loss=sum(losses) / len(losses) if losses else None,
-        grad_norm=_root(grad_sq),
-        grad_norm_preclip=first.grad_norm_preclip,
-        nonfinite_layers=max(r.nonfinite_layers for r in records),
-        skipped=any(r.skipped for r in records),
-        grads_kept=any(r.grads_kept for r in records),
-        loss_scale=first.loss_scale,
-        lr=tuple(first.lr),
-        scalars=scalars,
-        layers=layers,
-        layer_grad_norm=_layer_roots(layer_grad_sq, n_layers),
-        layer_weight_norm=layer_weight_norm,
-        layer_update_ratio=_ratios(layer_update_sq, layer_weight_sq, layer_weight_norm, n_layers),
-        # frozen is a fact of the model, not a partial value: the lowest rank's word holds
-        layer_frozen=frozenset(i for i in first.layer_frozen if i < n_layers) if first.layer_frozen else frozenset(),
-    )
-    return MergedStep(observation, tuple(first.momentum), tuple(first.weight_decay))
-
-
-def is_nonfinite(obs: Observation) -> bool:
-    values = (obs.loss, obs.grad_norm)
-    return obs.nonfinite_layers > 0 or any(v is not None and not math.isfinite(v) for v in values)
-
-
-def _root(squared: float | None) -> float | None:
-    if squared is None:
-        return None
-    if math.isnan(squared) or squared < 0:
-        return math.nan  # a negative square is a probe bug; show it, do not crash on it
-    return math.sqrt(squared)
-
-
-def _sum_scalars(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) if present else None
-
-
-def _sum_layers(per_rank: Sequence[Sequence[float | None] | None]) -> list[float | None] | None:
-    """Element-wise sum over ranks; a layer is None only if no rank has a value for it."""
-    present = [v for v in per_rank if v is not None]
-    if not present:
-        return None
-    width = max(len(v) for v in present)
-    sums: list[float | None] = []
-    for i in range(width):
-        values = [v[i] for v in present if i < len(v) and v[i] is not None]
-        sums.append(sum(values) if values else None)  # type: ignore[arg-type]
-    return sums
-
-
-def _aligned(
-    values: Sequence[float | None] | None, n: int, f: Callable[[float | None], float | None]
-) -> tuple[float | None, ...] | None:
-    """Per-layer values aligned with hello.layers: a probe sending the wrong length is padded
-    with None / truncated rather than misattributing values to layers."""
-    if values is None:
-        return None
-    out = [f(v) for v in values[:n]]
-    return tuple(out + [None] * (n - len(out)))
-
-
-def _layer_roots(squares: Sequence[float | None] | None, n: int) -> tuple[float | None, ...] | None:
-    """`_aligned(squares, n, _root)`, with a fast path for the usual all-valid vector: this
-    runs for every layer of every detail step and dominated ingest time."""
-    if squares is not None and len(squares) == n:
-        try:
-            return tuple(map(math.sqrt, squares))  # type: ignore[arg-type]
-        except (TypeError, ValueError):  # a None or a negative: the careful path below
-            pass
-    return _aligned(squares, n, _root)
-
-
-def _ratios(
-    update_sq: Sequence[float] | None,
-    weight_sq: Sequence[float] | None,
-    weight_norm: Sequence[float | None] | None,
-    n: int,
-) -> tuple[float | None, ...] | None:
-    if update_sq is None or weight_sq is None:
-        return None
-    if len(update_sq) == n and weight_norm is not None:
-        try:  # the usual all-valid case in C (see _layer_roots), from the weight norms at hand
-            return tuple(map(operator.truediv, map(math.sqrt, update_sq), weight_norm))  # type: ignore[arg-type]
-        except (TypeError, ValueError, ZeroDivisionError):
-            pass
-    ratios: list[float | None] = []
-    for u, w in zip(update_sq[:n], weight_sq[:n]):
-        du, nw = _root(u), _root(w)
-        if du is None or nw is None:
-            ratios.append(None)
-        elif nw == 0:
-            ratios.append(0.0 if du == 0 else math.inf)
-        else:
-            ratios.append(du / nw)
-    return tuple(ratios + [None] * (n - len(ratios)))
