@@ -53,6 +53,7 @@ class StackSettings:
     rules: Path | None = SOURCE_RULES
     webhook_url: str | None = None  # without one, alerts are only listed in Alertmanager's UI
     group_wait: str = "10s"
+    group_interval: str = "1m"  # how soon a group's changes (its resolutions too) are notified
     collector_config: Path | None = None
     prometheus: str | None = None  # binary paths; None = not started
     alertmanager: str | None = None
@@ -78,7 +79,7 @@ def prometheus_config(
     return config
 
 
-def alertmanager_config(webhook_url: str | None, group_wait: str) -> dict[str, Any]:
+def alertmanager_config(webhook_url: str | None, group_wait: str, group_interval: str = "1m") -> dict[str, Any]:
     receiver: dict[str, Any] = {"name": "gradwatch"}
     if webhook_url:
         receiver["webhook_configs"] = [{"url": webhook_url, "send_resolved": True}]
@@ -87,7 +88,7 @@ def alertmanager_config(webhook_url: str | None, group_wait: str) -> dict[str, A
             "receiver": "gradwatch",
             "group_by": ["alertname", "run"],
             "group_wait": group_wait,
-            "group_interval": "1m",
+            "group_interval": group_interval,
             "repeat_interval": "4h",
         },
         "receivers": [receiver],
@@ -219,6 +220,7 @@ class Stack:
         except NotReady as err:
             raise collector.failure(str(err)) from None
         self.urls["collector"], http_url = ready.ws_url, ready.http_url
+        self.urls["runs"] = http_url + "/"  # the web view: each run's page, live
         self.urls["metrics"] = http_url + "/metrics"
         collector_port = urllib.parse.urlsplit(http_url).port
 
@@ -226,7 +228,7 @@ class Stack:
         if s.alertmanager:
             port = self._port(s.host, s.alertmanager_port, "prometheus-alertmanager", "--alertmanager-port")
             config = state / "alertmanager.yml"
-            config.write_text(json.dumps(alertmanager_config(s.webhook_url, s.group_wait), indent=2))
+            config.write_text(json.dumps(alertmanager_config(s.webhook_url, s.group_wait, s.group_interval), indent=2))
             server = self._launch("alertmanager", [
                 s.alertmanager, f"--config.file={config}", f"--storage.path={state / 'alertmanager'}",
                 f"--web.listen-address={_hostport(s.host, port)}",

@@ -106,7 +106,7 @@ def stack(tmp_path: Path, webhook: tuple[str, queue.Queue[dict[str, Any]]]) -> I
     config.write_text(COLLECTOR_CONFIG)
     settings = StackSettings(
         state_dir=tmp_path / "state", ws_port=0, http_port=0, prometheus_port=0, alertmanager_port=0,
-        scrape_interval="1s", rules=SOURCE_RULES, webhook_url=webhook[0], group_wait="1s",
+        scrape_interval="1s", rules=SOURCE_RULES, webhook_url=webhook[0], group_wait="1s", group_interval="2s",
         collector_config=config, prometheus=PROMETHEUS_BIN, alertmanager=ALERTMANAGER_BIN,
     )
     with Stack(settings) as started:
@@ -269,6 +269,34 @@ def test_dashboards_alerts_and_notifications_against_real_servers(
 
         wait_for("every dashboard query to return data", all_return_data, 30,
                  lambda: "queries without data:\n" + "\n".join(last_empty) + "\n" + diagnose())
+
+        # 4. The run ends with its alert open: the alert resolves in the collector's history,
+        # stops firing in Prometheus and Alertmanager sends the resolution; the run's other
+        # series stay for the grace period, so dashboards show how it ended.
+        training.stop_event.set()
+        training.join(timeout=30)
+        collector = stack.urls["metrics"].rsplit("/metrics", 1)[0]
+
+        def resolved_in_history() -> bool:
+            entries = get_json(f"{collector}/api/alerts?run={RUN}")
+            return any(e["kind"] == "nonfinite" and e["event"] == "resolved" and e["message"] == "resolved: run finished"
+                       for e in entries)
+
+        wait_for("the open alert to resolve when the run finished", resolved_in_history, 15, diagnose)
+        wait_for("GradwatchNonfinite to stop firing in Prometheus", lambda: not firing(), 30, diagnose)
+
+        def resolution_notified() -> dict[str, Any] | None:
+            try:
+                body = webhook[1].get(timeout=0.5)
+            except queue.Empty:
+                return None
+            resolved = {a["labels"]["alertname"] for a in body["alerts"] if a["status"] == "resolved"}
+            return body if "GradwatchNonfinite" in resolved else None
+
+        wait_for("the GradwatchNonfinite resolution at the webhook", resolution_notified, 60, diagnose)
+        step_series = get_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": f'gradwatch_run_step{{run="{RUN}"}}'}))["data"]["result"]
+        assert step_series, "the ended run's series vanished before its grace period"
     finally:
         training.stop_event.set()
         training.join(timeout=30)
