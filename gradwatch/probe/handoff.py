@@ -1,8 +1,10 @@
 """Device -> host handoff of packed vectors without making the training thread wait.
 
 On CUDA the vector is copied with ``non_blocking=True`` into a slot of a pinned host ring
-and a CUDA event is recorded behind the copy; the background thread waits on that event
-(a host wait on *its* thread) and then reads the slot. The training thread never calls
+and the slot's CUDA event is recorded behind the copy, on the current stream of the
+vector's device (not of the current device: a model on cuda:1 is copied on cuda:1's
+stream); the background thread waits on that event (a host wait on *its* thread) and then
+reads the slot. A slot's event is reused only once the slot was read. The training thread never calls
 ``.item()``/``.tolist()``. On the CPU the vector already lives on the host.
 When every slot is still waiting to be read, the step's vector is dropped and counted:
 training never waits for the probe.
@@ -31,8 +33,10 @@ class Handoff:
         self._lock = threading.Lock()
         self._free: list[int] = []
         self._ring: torch.Tensor | None = None
+        self._events: list[torch.cuda.Event] = []
         if device.type == "cuda":
             self._ring = torch.empty((slots, length), dtype=dtype, pin_memory=True)
+            self._events = [torch.cuda.Event() for _ in range(slots)]  # bound to a device at first record
             self._free = list(range(slots))
 
     def put(self, vec: torch.Tensor) -> Pending | None:
@@ -45,8 +49,8 @@ class Handoff:
             slot = self._free.pop()
         host = self._ring[slot]
         host.copy_(vec, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        event = self._events[slot]
+        event.record(torch.cuda.current_stream(vec.device))
         return Pending(host, event, slot)
 
     def read(self, pending: Pending) -> list[float]:
