@@ -5,7 +5,8 @@ and the slot's CUDA event is recorded behind the copy, on the current stream of 
 vector's device (not of the current device: a model on cuda:1 is copied on cuda:1's
 stream); the background thread waits on that event (a host wait on *its* thread) and then
 reads the slot. A slot's event is reused only once the slot was read. The training thread never calls
-``.item()``/``.tolist()``. On the CPU the vector already lives on the host.
+``.item()``/``.tolist()``. On the CPU the vector already lives on the host; on MPS and XPU
+it is copied without blocking and the background thread synchronizes the device first.
 When every slot is still waiting to be read, the step's vector is dropped and counted:
 training never waits for the probe.
 """
@@ -13,6 +14,7 @@ training never waits for the probe.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ class Pending:
     tensor: torch.Tensor
     event: torch.cuda.Event | None = None
     slot: int = -1
+    synchronize: Callable[[], None] | None = None  # MPS, XPU: wait for the device, on the reader's thread
 
 
 class Handoff:
@@ -42,7 +45,12 @@ class Handoff:
     def put(self, vec: torch.Tensor) -> Pending | None:
         """Training thread: start moving `vec` to the host; None when the ring is full."""
         if self._ring is None:
-            return Pending(vec if vec.device.type == "cpu" else vec.to("cpu"))
+            if vec.device.type == "cpu":
+                return Pending(vec)
+            # Other accelerators (MPS, XPU): a non-blocking copy, completed by the background
+            # thread's device synchronize; a device without one gets the blocking copy.
+            synchronize = getattr(getattr(torch, vec.device.type, None), "synchronize", None)
+            return Pending(vec.to("cpu", non_blocking=synchronize is not None), synchronize=synchronize)
         with self._lock:
             if not self._free:
                 return None
@@ -57,6 +65,8 @@ class Handoff:
         """Background thread: wait for the copy, read the values, release the slot."""
         if pending.event is not None:
             pending.event.synchronize()
+        elif pending.synchronize is not None:
+            pending.synchronize()
         values = pending.tensor.tolist()
         if pending.slot >= 0:
             with self._lock:
