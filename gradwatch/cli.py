@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "collector": ("gradwatch.collector.cli", "start the collector daemon (websocket ingest, detectors, /metrics)"),
     "runs": ("gradwatch.client.query:runs", "list the runs a collector knows"),
     "alerts": ("gradwatch.client.query:alerts", "show the alert history of a collector, optionally for one run"),
+    "report": ("gradwatch.client.report", "write a run's page (curves, gradient flow, alerts) as one HTML file"),
     "ingest": ("gradwatch.client.replay", "replay an offline JSONL spool (GRADWATCH_URL=file:PATH) into a collector"),
     "dashboards": ("gradwatch.dashboards.cli", "build or push the Grafana dashboards"),
     "up": ("gradwatch.stack", "start collector + Prometheus + Alertmanager on this machine (no containers)"),

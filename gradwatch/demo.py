@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="websocket port (default: any free port)")
     parser.add_argument("--http-port", type=int, default=0, help="HTTP port for /metrics (default: any free port)")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the collector serving /metrics after the demo, until Ctrl-C")
+                        help="keep the collector serving its pages after the demo, until Ctrl-C (the default "
+                        "when run in a terminal)")
 
 
 class AlertPrinter(threading.Thread):
@@ -120,7 +121,8 @@ def main(args: argparse.Namespace) -> int:
     })
     started = time.monotonic()
     with EmbeddedCollector(config) as collector:
-        print(f"gradwatch demo: collector listening on {collector.ws_url}, metrics at {collector.http_url}/metrics")
+        print(f"gradwatch demo: collector listening on {collector.ws_url}; watch the runs at {collector.http_url}/"
+              f" (metrics at {collector.http_url}/metrics)")
         printer = AlertPrinter(collector.http_url)
         printer.start()
         outcomes = {}
@@ -156,8 +158,10 @@ def main(args: argparse.Namespace) -> int:
                   f"{with_actions.mean_loss(100):.3f} with actions ({reductions} LR reduction(s) applied)")
         print(f"\ndone in {time.monotonic() - started:.0f}s. Prometheus metrics: {collector.http_url}/metrics"
               f"  alert history: {collector.http_url}/api/alerts")
-        if args.keep:
-            print("serving until Ctrl-C ...")
+        print(f"see the runs: {collector.http_url}/", flush=True)
+        # In a terminal the pages stay up to be looked at; a script or CI run exits as before.
+        if args.keep or sys.stdout.isatty():
+            print("serving until Ctrl-C ...", flush=True)
             try:
                 while True:
                     time.sleep(3600)

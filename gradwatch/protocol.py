@@ -22,9 +22,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-# 2: StepRecord.layer_frozen and StepRecord.grads_kept. Messages forbid unknown fields, so
-# a new field is a new version: an older peer refuses it at hello, with a clear reason.
-PROTOCOL_VERSION = 2
+# 2: StepRecord.layer_frozen and StepRecord.grads_kept. 3: Welcome.http_url. Messages forbid
+# unknown fields, so a new field is a new version: an older peer refuses it at hello, with a
+# clear reason.
+PROTOCOL_VERSION = 3
 
 # Run names and label values end up in Prometheus labels, SQLite and log lines: keep them
 # printable and bounded so no one can inject series or break the exposition format.
@@ -170,6 +171,9 @@ class Welcome(_Message):
     v: int = PROTOCOL_VERSION
     run: RunName
     actions: bool = False  # the collector has an actions policy for this run
+    # The collector's HTTP address (its web view; the run's page is http_url/runs/RUN), or
+    # "" where it has none to give.
+    http_url: Annotated[str, Field(max_length=2048)] = ""
 
 
 class Received(_Message):

@@ -220,7 +220,6 @@ class Stack:
         except NotReady as err:
             raise collector.failure(str(err)) from None
         self.urls["collector"], http_url = ready.ws_url, ready.http_url
-        self.urls["runs"] = http_url + "/"  # the web view: each run's page, live
         self.urls["metrics"] = http_url + "/metrics"
         collector_port = urllib.parse.urlsplit(http_url).port
 
@@ -334,7 +333,9 @@ def main(args: argparse.Namespace) -> int:
         width = max(map(len, stack.urls))
         for name, url in stack.urls.items():
             print(f"{name:<{width}}  {url}")
+        web_view = stack.urls["metrics"].removesuffix("/metrics") + "/"
         print(f"train with gradwatch.attach(model, optimizer, url=\"{stack.urls['collector']}\"); "
+              f"see the runs at {web_view}; "
               f"logs in {settings.state_dir / 'logs'}; Ctrl-C stops everything", flush=True)
         exited = stack.wait()
         print(f"error: {exited.failure('exited unexpectedly')}", file=sys.stderr)

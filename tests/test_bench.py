@@ -45,6 +45,16 @@ def test_collector_quick_prints_its_table() -> None:
         assert measure in out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (scripts/setup)")
+def test_page_load_quick_prints_its_table() -> None:
+    out = run_bench("page_load.py")
+    assert "== page load:" in out
+    for measure in ("run page: data drawn (ms)", "run list: data drawn (ms)", "history kept for the run"):
+        assert measure in out
+
+
 def test_backward_tap_prints_its_cost() -> None:
     done = subprocess.run([sys.executable, str(BENCH / "backward_tap.py"), "--calls", "500", "--repeats", "1"],
                           capture_output=True, text=True, timeout=120, check=False)

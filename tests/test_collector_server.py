@@ -195,10 +195,10 @@ def test_sharded_ranks_sum_squared_norms(collector, open_probe):
 BAD_INPUT = [
     # (name, frames sent after connecting, close code, reason contains, rejects label)
     ("not json", ["{nope"], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
-    ("wrong types", ['{"type":"hello","v":2,"run":"x","layers":"embed"}'], CLOSE_INVALID_MESSAGE, "layers",
+    ("wrong types", ['{"type":"hello","v":3,"run":"x","layers":"embed"}'], CLOSE_INVALID_MESSAGE, "layers",
      "invalid_message"),
     ("unknown type", ['{"type":"gimme"}'], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
-    ("bad run name", ['{"type":"hello","v":2,"run":"a\\"b\\nc","layers":[]}'], CLOSE_INVALID_MESSAGE, "run",
+    ("bad run name", ['{"type":"hello","v":3,"run":"a\\"b\\nc","layers":[]}'], CLOSE_INVALID_MESSAGE, "run",
      "invalid_message"),
     ("future version", ['{"type":"hello","v":99,"run":"x","layers":[],"new_field":1}'], CLOSE_UNSUPPORTED_VERSION,
      "version 99", "unsupported_version"),

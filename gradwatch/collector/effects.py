@@ -1,5 +1,5 @@
 """What the registry's events do outside it: log lines, history rows, actions sent to a
-run's connections, and the run state saved to the data directory.
+run's connections, the run state saved to the data directory, and the marks on a run's page.
 
 Each event's effect stands alone: an exception in one is logged with its traceback and
 counted (gradwatch_collector_internal_errors_total{where="effect"}), and the next event
@@ -22,6 +22,7 @@ from gradwatch.collector.connections import Peers
 from gradwatch.collector.history import History, HistoryEntry, RunRecord
 from gradwatch.collector.metrics import IngestStats
 from gradwatch.collector.registry import (
+    ENDED_STATUSES,
     ActionAcked,
     ActionIssued,
     AlertRaised,
@@ -33,6 +34,8 @@ from gradwatch.collector.registry import (
     RunState,
     StatusChanged,
 )
+from gradwatch.collector.series import Marker, RunSeries
+from gradwatch.collector.series_store import SeriesStore
 from gradwatch.protocol import encode
 
 log = logging.getLogger("gradwatch.collector")
@@ -55,10 +58,13 @@ class Effects:
     ) -> None:
         self.config, self.registry, self.history, self.peers, self.stats = config, registry, history, peers, stats
         self.clock = clock
+        self.pages = SeriesStore(config.server.data_dir)
+        self._previous_pages: dict[str, RunSeries | None] = {}  # read from the data dir when first shown
         self.previous_runs: dict[str, RunRecord] = {}
         records = history.load_runs()  # oldest first; keep as many as max_runs
         too_old = [r.name for r in records[: max(0, len(records) - config.retention.max_runs)]]
         self._store(lambda h: h.delete_runs(too_old), "run evictions")
+        self.pages.delete(too_old)
         for record in records[len(too_old):]:
             # A run that was running when the previous process died is not known to be alive.
             status = "lost" if record.status in ("running", "degraded") else record.status
@@ -71,11 +77,28 @@ class Effects:
             except Exception:  # a bug of ours must not cost the other events their effects
                 self.stats.internal_errors["effect"] += 1
                 log.exception("the effect of %s on run %s failed", type(event).__name__, event.run)
+        # After the whole batch: an ending run's open alerts resolve in events after its end.
+        for name in [e.run for e in events if isinstance(e, StatusChanged) and e.new in ENDED_STATUSES]:
+            self._save_page(name)
 
     def save_runs(self) -> None:
         """Save every run's progress (periodically and at shutdown)."""
         records = [run_record(r) for r in self.registry.runs.values()]
         self._store(lambda h: h.save_runs(records), "run state")
+
+    def save_pages(self) -> None:
+        """Save every run's page history (at shutdown; an ended run's is saved as it ends)."""
+        for name in self.registry.runs:
+            self._save_page(name)
+
+    def page(self, name: str) -> RunSeries | None:
+        """What a run's page draws: a run in memory, or one a previous process saved."""
+        run = self.registry.runs.get(name)
+        if run is not None:
+            return run.series
+        if name in self.previous_runs and name not in self._previous_pages:
+            self._previous_pages[name] = self.pages.load(name)
+        return self._previous_pages.get(name)
 
     async def _apply(self, event: Event) -> None:
         if isinstance(event, AlertRaised):
@@ -87,7 +110,10 @@ class Effects:
         elif isinstance(event, RunStarted):
             log.info("run %s started (world_size=%d%s%s)", event.run, event.world_size,
                      ", sharded" if event.sharded else "", ", actions on" if event.actions else "")
-            self.previous_runs.pop(event.run, None)
+            previous = self.previous_runs.pop(event.run, None)
+            self._previous_pages.pop(event.run, None)
+            if previous is not None and previous.status == "lost":
+                self._resume_page(event.run)
             self._save_run(event.run)
         elif isinstance(event, StatusChanged):
             level = logging.WARNING if event.new in ("lost", "degraded", "crashed") else logging.INFO
@@ -96,6 +122,7 @@ class Effects:
         elif isinstance(event, RunEvicted):
             log.info("run %s evicted (max_runs=%d)", event.run, self.config.retention.max_runs)
             self._store(lambda h, run=event.run: h.delete_runs([run]), "a run eviction")
+            self.pages.delete([event.run])
         elif isinstance(event, DetectorFailed):
             self.stats.internal_errors["detector"] += 1
             log.error("detector %s failed on run %s and is disabled for it: %s\n%s", event.kind, event.run,
@@ -108,7 +135,7 @@ class Effects:
             run=event.run, event=state, kind=alert.kind, severity=alert.severity, step=alert.step,
             layer=alert.layer, message=alert.message, time=self.clock(), hint=alert.hint,
         )
-        self._store(lambda h: h.record(entry), "an alert")
+        self._record(entry, "an alert")
         where = f" layer {alert.layer}" if alert.layer else ""
         level = logging.INFO if alert.resolved or alert.severity == "info" else logging.WARNING
         hint = f"; try: {alert.hint}" if alert.hint else ""
@@ -125,7 +152,7 @@ class Effects:
             message=f"{action.kind} {json.dumps(action.params)} at step {action.step}: {action.reason}",
             time=self.clock(), action=action.kind, action_id=action.id, outcome="sent",
         )
-        self._store(lambda h: h.record(entry), "an action")
+        self._record(entry, "an action")
         frame = encode(action)
         # Bounded: a probe that stopped reading must not hold up the other runs (this can
         # run inside the periodic tick that finds lost runs).
@@ -145,9 +172,36 @@ class Effects:
             message=f"{ack.kind} {ack.outcome} by rank {event.rank}{why}", time=self.clock(),
             action=ack.kind, action_id=ack.id, outcome=ack.outcome, rank=event.rank,
         )
-        self._store(lambda h: h.record(entry), "an ack")
+        self._record(entry, "an ack")
         log.info("action %s %s by run %s rank %d at step %d%s", ack.kind, ack.outcome, event.run, event.rank,
                  ack.step, why)
+
+    def _record(self, entry: HistoryEntry, what: str) -> None:
+        """An alert, action or ack: a row of the history and a mark on the run's page."""
+        self._store(lambda h: h.record(entry), what)
+        run = self.registry.runs.get(entry.run)
+        if run is not None:
+            run.series.mark(Marker(
+                step=entry.step or 0, event=entry.event, kind=entry.kind, severity=entry.severity,
+                message=entry.message, hint=entry.hint, layer=entry.layer, action=entry.action,
+                outcome=entry.outcome, time=entry.time,
+            ))
+
+    def _resume_page(self, name: str) -> None:
+        """A run the previous process lost while it ran, reconnecting: its page goes on
+        from what was saved (steps it has already are not taken twice)."""
+        run, saved = self.registry.runs.get(name), self.pages.load(name)
+        if run is not None and saved is not None and run.series.version == 0:
+            run.series = saved
+
+    def _save_page(self, name: str) -> None:
+        run = self.registry.runs.get(name)
+        if run is None:
+            return
+        try:
+            self.pages.save(name, run.series)
+        except (OSError, ValueError) as err:  # a failing disk; ValueError: a bug of ours, not worth ingest
+            log.error("could not save the page history of run %s to %s: %s", name, self.pages.path, err)
 
     def _save_run(self, name: str) -> None:
         run = self.registry.runs.get(name)

@@ -1,4 +1,5 @@
-"""The read-only HTTP side: /metrics, /healthz and /api/*, each with its parameter checks.
+"""The read-only HTTP side: /metrics, /healthz, /api/* (each with its parameter checks) and
+the web view's pages and streams (webview.py).
 
 Every answer but /metrics is JSON, errors included (`{"error": "..."}`). An exception in a
 handler is logged with its traceback, counted
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import zlib
@@ -23,7 +25,8 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from gradwatch.collector.effects import run_record
 from gradwatch.collector.history import History, RunRecord
 from gradwatch.collector.metrics import IngestStats, MetricsCollector, exposition_chunks
-from gradwatch.collector.registry import RUN_STATUSES, Registry
+from gradwatch.collector.registry import RUN_STATUSES, Registry, RunState
+from gradwatch.collector.webview import SeriesSource, WebView
 from gradwatch.protocol import RUN_NAME_PATTERN
 
 log = logging.getLogger("gradwatch.collector")
@@ -34,6 +37,7 @@ RENDER_SLICE_SECONDS = 0.02  # /metrics formatting yields to ingest this often
 GZIP_LEVEL = 1
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 
 
 class _MalformedHttpRequests(logging.Filter):
@@ -64,9 +68,10 @@ class HttpApi:
         previous_runs: Mapping[str, RunRecord],
         metrics: MetricsCollector,
         stats: IngestStats,
+        pages: SeriesSource,
     ) -> None:
         self.registry, self.history, self.previous_runs = registry, history, previous_runs
-        self.metrics, self.stats = metrics, stats
+        self.metrics, self.stats, self.pages = metrics, stats, pages
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._count_failures])
@@ -74,6 +79,7 @@ class HttpApi:
         app.router.add_get("/healthz", self._get_healthz)
         app.router.add_get("/api/runs", self._get_runs)
         app.router.add_get("/api/alerts", self._get_alerts)
+        WebView(self.runs, self.pages).add_routes(app)
         return app
 
     @web.middleware
@@ -125,7 +131,8 @@ class HttpApi:
         runs = [_run_json(r) for r in self.previous_runs.values() if r.name not in self.registry.runs]
         runs += [
             {**_run_json(run_record(r)), "ranks": r.ranks_reporting, "tags": r.hello.tags,
-             "sharded": r.hello.sharded, "actions": r.hello.actions, "frozen_layers": len(r.frozen_layers)}
+             "sharded": r.hello.sharded, "actions": r.hello.actions, "frozen_layers": len(r.frozen_layers),
+             **_live_json(r)}
             for r in self.registry.runs.values()
         ]
         runs.sort(key=lambda r: r["started"])
@@ -155,6 +162,22 @@ class HttpApi:
                     content_type="application/json",
                 )
         return web.json_response([e.to_json() for e in entries])
+
+
+def _live_json(run: RunState) -> dict[str, Any]:
+    """What only a run in memory can say: its pace, its last loss, its open alerts, and the
+    memory its page's history takes."""
+    loss = run.latest.loss
+    if loss is not None and not math.isfinite(loss):  # a finding: said as a string JSON can carry
+        loss = "NaN" if math.isnan(loss) else "Infinity" if loss > 0 else "-Infinity"  # type: ignore[assignment]
+    severities = [a.severity for a in run.active_alerts.values()]
+    return {
+        "steps_per_second": run.steps_per_second(),
+        "last_loss": loss,
+        "open_alerts": len(severities),
+        "worst_severity": max(severities, key=SEVERITY_RANK.__getitem__, default=None),
+        "series_bytes": run.series.nbytes,
+    }
 
 
 def _run_json(record: RunRecord) -> dict[str, Any]:

@@ -96,13 +96,17 @@ class CollectorServer:
         ws_port = self._ws_server.sockets[0].getsockname()[1]
         http_sock = socket.create_server((cfg.host, cfg.http_port), reuse_port=False)
         logging.getLogger("aiohttp.server").addFilter(MALFORMED_HTTP)
-        api = HttpApi(self.registry, self.history, effects.previous_runs, self.metrics, self.stats)
+        api = HttpApi(self.registry, self.history, effects.previous_runs, self.metrics, self.stats, effects.page)
         self._http_runner = web.AppRunner(api.app(), access_log=None)
         await self._http_runner.setup()
         await web.SockSite(self._http_runner, http_sock).start()
         http_port = http_sock.getsockname()[1]
         self.ws_url = f"{'wss' if tls else 'ws'}://{url_host(cfg.host)}:{ws_port}"
         self.http_url = f"http://{url_host(cfg.host)}:{http_port}"
+        # What probes are told (each prints its run's page): where bound to every address,
+        # this machine's name rather than 0.0.0.0.
+        public_host = socket.getfqdn() if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+        self.registry.http_url = f"http://{url_host(public_host)}:{http_port}"
         self._tick_task = asyncio.create_task(self._tick_forever(effects))
         log.info("gradwatch collector listening %s %s", self.ws_url, self.http_url)
 
@@ -116,6 +120,7 @@ class CollectorServer:
             await self._http_runner.cleanup()
         if self.effects is not None:
             self.effects.save_runs()
+            self.effects.save_pages()
             self.effects = None
         if self.history is not None:
             self.history.close()

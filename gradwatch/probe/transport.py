@@ -20,8 +20,11 @@ training goes on and every record it cannot send is counted as dropped.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -76,6 +79,7 @@ class WebSocketSink:
         self._ws: ClientConnection | None = None
         self._context = ExitStack()  # holds the open connection's context manager
         self._last_send = 0.0
+        self._announced = False  # the run's page was said (once, not after each reconnect)
 
     def open(self) -> None:
         with ExitStack() as stack:  # closes the connection unless the greeting succeeds
@@ -95,6 +99,9 @@ class WebSocketSink:
             self._ws = ws
             self._context = stack.pop_all()
         self._last_send = time.monotonic()
+        if not self._announced:
+            self._announced = True
+            announce(welcome, self.url, self._hello.rank)
 
     def send(self, frame: str) -> None:
         assert self._ws is not None, "send before open"
@@ -127,6 +134,16 @@ class WebSocketSink:
             self._context.close()
         except Exception:  # closing a broken socket may fail in any way; it is gone either way
             log.debug("gradwatch: closing the connection to %s failed", self.url, exc_info=True)
+
+
+def announce(welcome: protocol.Welcome, url: str, rank: int) -> None:
+    """One line on stderr once connected, naming the run and its page: a log record at INFO
+    would be invisible under Python's default WARNING level. Rank 0 only; GRADWATCH_QUIET=1
+    silences it."""
+    if rank != 0 or os.environ.get("GRADWATCH_QUIET", "").lower() in ("1", "true", "yes"):
+        return
+    where = f"{welcome.http_url}/runs/{urllib.parse.quote(welcome.run, safe=':@+')}" if welcome.http_url else url
+    print(f"gradwatch: run {welcome.run} is live at {where}", file=sys.stderr, flush=True)
 
 
 class FileSink:
