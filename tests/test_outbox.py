@@ -353,7 +353,7 @@ def test_a_bug_in_the_transport_is_logged_once_with_its_traceback_and_switches_i
 @pytest.mark.slow
 @pytest.mark.parametrize("where, says", [
     ("the ingest port, without the token", "refused this probe's token (HTTP 401); set GRADWATCH_TOKEN"),
-    ("the HTTP port", "answered plain HTTP 404, not a collector's websocket; point GRADWATCH_URL at"),
+    ("the HTTP port", "answered plain HTTP 200, not a collector's websocket; point GRADWATCH_URL at"),  # GET / is the web view
 ])
 def test_a_refusal_retrying_cannot_fix_is_said_once_and_not_retried(
     caplog: pytest.LogCaptureFixture, start_collector: Any, where: str, says: str
