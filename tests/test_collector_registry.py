@@ -281,6 +281,14 @@ def test_an_ended_runs_open_alerts_resolve_with_the_reason(end: str, status: str
     assert set(reg.runs["r"].active_alerts) == ({("run_lost", None)} if status == "lost" else set())
 
 
+def test_an_lr_range_test_is_never_judged() -> None:
+    """gradwatch.lr_find tags its run kind=lr-find: the loss exploding is its purpose."""
+    reg = registry()
+    reg.hello(hello(tags={"kind": "lr-find"}), 0.0)
+    events = reg.steps("r", 0, Steps(records=[record(i, loss=x) for i, x in enumerate([1.0, 20.0, 30.0, 1e9])]), 1.0)
+    assert alerts(events) == []
+
+
 def test_fired_alerts_say_what_to_try_and_resolutions_do_not():
     reg = registry(heartbeat_timeout=10)
     reg.hello(hello(), 0.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.detection import replay
-from tests.probe_helpers import read_spool
+from gradwatch.protocol import Hello, StepRecord, Steps, decode_probe_message
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.name for p in (REPO / "examples").glob("*.py"))
@@ -20,7 +20,7 @@ NEEDS = {"hf_trainer.py": "transformers", "lightning_train.py": "lightning", "ac
 
 
 def test_every_example_is_listed() -> None:
-    assert set(EXAMPLES) == {"plain_loop.py", "accumulation_amp.py", "manual_update.py", "ddp.py",
+    assert set(EXAMPLES) == {"plain_loop.py", "accumulation_amp.py", "manual_update.py", "ddp.py", "lr_find.py",
                              *NEEDS}
 
 
@@ -41,8 +41,21 @@ def test_example_runs_clean(tmp_path: Path, example: str) -> None:
     assert spools, "the example wrote no spool"
     alerts = replay(*spools)
     assert not alerts, [(a.kind, a.step, a.layer, a.message) for a in alerts]
-    _, records, _ = read_spool(spools[0])
-    losses = [r.loss for r in records if r.loss is not None]
+    training = _trained_run(spools[0])
+    losses = [r.loss for r in training if r.loss is not None]
     assert len(losses) >= 40
     head, tail = losses[:10], losses[-10:]
     assert sum(tail) / len(tail) < 0.7 * sum(head) / len(head), "the loss did not fall"
+
+
+def _trained_run(spool: Path) -> list[StepRecord]:
+    """The records of the spool's last run that is not an LR range test (lr_find.py writes
+    its range test, a run of its own, to the same spool first)."""
+    runs: list[tuple[Hello, list[StepRecord]]] = []
+    for line in spool.read_text().splitlines():
+        message = decode_probe_message(line)
+        if isinstance(message, Hello):
+            runs.append((message, []))
+        elif isinstance(message, Steps):
+            runs[-1][1].extend(message.records)
+    return [records for hello, records in runs if hello.tags.get("kind") != "lr-find"][-1]

@@ -305,7 +305,9 @@ class Registry:
             hello=hello,
             started=now,
             last_seen=now,
-            detectors=self._new_detectors(),
+            # An LR range test drives the LR up until the loss explodes, on purpose: its page
+            # shows the curve, and no detector judges it.
+            detectors=[] if hello.tags.get("kind") == "lr-find" else self._new_detectors(),
             history=deque(maxlen=self.retention.history_steps),
             layers=tuple(hello.layers),
         )

@@ -14,6 +14,7 @@ import os
 from typing import TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
+    from gradwatch.probe.landscape import LandscapeResult
     from gradwatch.probe.run import Run
 
 __all__ = ["Run", "attach"]
@@ -44,7 +45,7 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     cannot handle logs one warning saying what to do and returns a run that does nothing.
     """
     if os.environ.get("GRADWATCH_DISABLE", "").lower() in ("1", "true", "yes"):
-        return DisabledRun()
+        return DisabledRun(model)
     try:
         from gradwatch.probe.run import Run
 
@@ -57,7 +58,7 @@ def attach(model: Any, optimizer: Any = None, **options: Any) -> Run | DisabledR
     except Exception as error:  # training comes first: a probe that cannot attach stays out
         log.warning("gradwatch: could not attach, training continues without the probe: %s", error,
                     exc_info=not isinstance(error, (TypeError, ValueError)))
-        return DisabledRun()
+        return DisabledRun(model)
 
 
 def _attached(model: Any, optimizer: Any) -> Run | None:
@@ -77,6 +78,15 @@ class DisabledRun:
     should_stop = False
     dropped = 0
     step = 0
+
+    def __init__(self, model: Any = None) -> None:
+        self.model = model
+
+    def landscape(self, batches: Any, *args: Any, **options: Any) -> LandscapeResult:
+        """The slice still runs (a diagnostic the caller reads, not the probe); nothing is logged."""
+        from gradwatch.probe.landscape import landscape
+
+        return landscape(self.model, batches, *args, **options)
 
     def log(self, **values: Any) -> None:
         pass

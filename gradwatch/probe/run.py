@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -48,6 +48,7 @@ from gradwatch.probe.environment import (
     unwrap_optimizer,
 )
 from gradwatch.probe.handoff import Handoff
+from gradwatch.probe.landscape import LandscapeResult, landscape
 from gradwatch.probe.layers import LayerMap, LayerSpec
 from gradwatch.probe.loss import StepLoss, grad_state
 from gradwatch.probe.measure import Measurer
@@ -207,6 +208,23 @@ class Run:
                 self._loss.logged(value)
             else:
                 self._recorder.log_scalar(protocol_safe(key).replace("-", "_"), value)
+
+    def landscape(
+        self,
+        batches: Iterable[Any],
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        directions: int = 2,
+        points: int = 21,
+        radius: float = 1.0,
+        **options: Any,
+    ) -> LandscapeResult:
+        """The loss around this run's current weights (`gradwatch.probe.landscape`; `options`:
+        ``last_update=``, ``seed=``), its summary logged with the current step as
+        ``landscape_centre`` and ``landscape_curvature_<k>`` / ``landscape_rise_<k>`` per
+        direction. Evaluated in eval mode under no_grad, which the probe's hooks ignore."""
+        result = landscape(self.model, batches, loss_fn, directions, points, radius, **options)
+        self.log(**result.scalars())
+        return result
 
     def detach(self, status: str = "finished", reason: str = "") -> None:
         """Flush, unhook, say goodbye to the collector. Idempotent; also runs at exit."""
