@@ -1,7 +1,9 @@
 """The wire protocol between probe and collector: one JSON object per websocket text frame.
 
 Probe -> collector: ``hello`` (once per connection, first), then any number of ``steps``
-batches, ``ack`` for actions, ``heartbeat`` when idle, ``bye`` at detach.
+batches, ``ack`` for actions, ``heartbeat`` when idle, ``lr_find`` (the range test's curve
+and verdict) and ``landscape`` (a loss-landscape grid) as they are computed, ``bye`` at
+detach.
 Collector -> probe: ``welcome`` (answer to hello), ``received`` (after each ``steps``
 batch is taken in: the probe keeps sent records until then and replays the rest after a
 reconnect, so a collector killed mid-batch loses nothing), ``action``.
@@ -18,14 +20,21 @@ reason text that says what was wrong.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
-# 2: StepRecord.layer_frozen and StepRecord.grads_kept. 3: Welcome.http_url. Messages forbid
-# unknown fields, so a new field is a new version: an older peer refuses it at hello, with a
-# clear reason.
-PROTOCOL_VERSION = 3
+# 2: StepRecord.layer_frozen and StepRecord.grads_kept. 3: Welcome.http_url. 4: LRFind and
+# Landscape. Messages forbid unknown fields and types, so a new field or message is a new
+# version: an older peer refuses it at hello, with a clear reason, not mid-run.
+PROTOCOL_VERSION = 4
 
 # Run names and label values end up in Prometheus labels, SQLite and log lines: keep them
 # printable and bounded so no one can inject series or break the exposition format.
@@ -38,6 +47,9 @@ MAX_RECORDS_PER_BATCH = 1_000
 MAX_SCALARS = 64
 MAX_PARAM_GROUPS = 256
 MAX_TAGS = 32
+MAX_LR_FIND_POINTS = 1_000  # the probe keeps every k-th point of a longer test
+MAX_LANDSCAPE_AXIS = 101  # points per landscape axis: 101 x 101 losses are about 0.2 MB of JSON
+MAX_TEXT = 500
 
 # Close codes (RFC 6455 ranges; 4000-4999 are for applications).
 CLOSE_INVALID_MESSAGE = 1007  # the payload did not validate
@@ -166,6 +178,57 @@ class Bye(_Message):
     dropped: Count = 0  # records dropped over the whole run
 
 
+class LRFind(_Message):
+    """The LR range test's curve and verdict (`gradwatch.lr_find`, sent before its run
+    detaches): `losses[i]` and `smoothed[i]` at `lrs[i]`; a non-finite loss stopped the test."""
+
+    type: Literal["lr_find"] = "lr_find"
+    lrs: Annotated[list[float], Field(min_length=1, max_length=MAX_LR_FIND_POINTS)]
+    losses: Annotated[list[float], Field(max_length=MAX_LR_FIND_POINTS)]
+    smoothed: Annotated[list[float], Field(max_length=MAX_LR_FIND_POINTS)]
+    suggested_lr: float | None = None  # None: the loss did not fall in the range
+    alternative_lr: float
+    min_loss_lr: float
+    reason: Annotated[str, Field(max_length=MAX_TEXT)] = ""
+    stop_detail: Annotated[str, Field(max_length=MAX_TEXT)] = ""
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        if not len(self.lrs) == len(self.losses) == len(self.smoothed):
+            raise ValueError(f"{len(self.lrs)} lrs, {len(self.losses)} losses and {len(self.smoothed)} smoothed: "
+                             "one of each per point")
+        return self
+
+
+AxisValues = Annotated[list[float], Field(min_length=3, max_length=MAX_LANDSCAPE_AXIS)]
+
+
+class Landscape(_Message):
+    """A loss-landscape slice (`run.landscape`): `losses[j][i]` at ``alphas[i]`` along the
+    first direction and ``betas[j]`` along the second; one row and no betas for a line."""
+
+    type: Literal["landscape"] = "landscape"
+    step: Count  # the run's optimizer steps when it was taken
+    alphas: AxisValues
+    betas: Annotated[list[float], Field(max_length=MAX_LANDSCAPE_AXIS)] = []
+    losses: Annotated[list[Annotated[list[float], Field(max_length=MAX_LANDSCAPE_AXIS)]],
+                      Field(min_length=1, max_length=MAX_LANDSCAPE_AXIS)]
+    centre: float  # the loss at the current weights, the grid's middle
+    directions: Annotated[list[Literal["random", "last_update"]], Field(min_length=1, max_length=2)]
+    radius: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _shaped(self) -> Self:
+        rows = len(self.betas) if len(self.directions) == 2 else 1
+        if len(self.directions) == 2 and len(self.betas) < 3:
+            raise ValueError("two directions need at least 3 betas")
+        if len(self.directions) == 1 and self.betas:
+            raise ValueError("one direction has no betas")
+        if len(self.losses) != rows or any(len(row) != len(self.alphas) for row in self.losses):
+            raise ValueError(f"losses must be {rows} rows of {len(self.alphas)} (betas x alphas)")
+        return self
+
+
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     v: int = PROTOCOL_VERSION
@@ -194,10 +257,10 @@ class Action(_Message):
     reason: Annotated[str, Field(max_length=500)] = ""
 
 
-ProbeMessage = Annotated[Hello | Steps | Heartbeat | Ack | Bye, Field(discriminator="type")]
+ProbeMessage = Annotated[Hello | Steps | Heartbeat | Ack | Bye | LRFind | Landscape, Field(discriminator="type")]
 CollectorMessage = Annotated[Welcome | Received | Action, Field(discriminator="type")]
 
-_probe_adapter: TypeAdapter[Hello | Steps | Heartbeat | Ack | Bye] = TypeAdapter(ProbeMessage)
+_probe_adapter: TypeAdapter[Hello | Steps | Heartbeat | Ack | Bye | LRFind | Landscape] = TypeAdapter(ProbeMessage)
 _collector_adapter: TypeAdapter[Welcome | Received | Action] = TypeAdapter(CollectorMessage)
 
 
@@ -224,7 +287,7 @@ def _describe(err: ValidationError) -> str:
     return f"invalid {_printable(where)}: {_printable(first['msg'])}{more}"
 
 
-def decode_probe_message(data: str | bytes) -> Hello | Steps | Heartbeat | Ack | Bye:
+def decode_probe_message(data: str | bytes) -> Hello | Steps | Heartbeat | Ack | Bye | LRFind | Landscape:
     """Parse and validate one frame from a probe; raise ProtocolError with a clear reason."""
     try:
         return _probe_adapter.validate_json(data)

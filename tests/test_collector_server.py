@@ -38,6 +38,8 @@ from gradwatch.protocol import (
     Bye,
     Heartbeat,
     Hello,
+    Landscape,
+    LRFind,
     Received,
     StepRecord,
     Steps,
@@ -195,10 +197,10 @@ def test_sharded_ranks_sum_squared_norms(collector, open_probe):
 BAD_INPUT = [
     # (name, frames sent after connecting, close code, reason contains, rejects label)
     ("not json", ["{nope"], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
-    ("wrong types", ['{"type":"hello","v":3,"run":"x","layers":"embed"}'], CLOSE_INVALID_MESSAGE, "layers",
+    ("wrong types", ['{"type":"hello","v":4,"run":"x","layers":"embed"}'], CLOSE_INVALID_MESSAGE, "layers",
      "invalid_message"),
     ("unknown type", ['{"type":"gimme"}'], CLOSE_INVALID_MESSAGE, "invalid", "invalid_message"),
-    ("bad run name", ['{"type":"hello","v":3,"run":"a\\"b\\nc","layers":[]}'], CLOSE_INVALID_MESSAGE, "run",
+    ("bad run name", ['{"type":"hello","v":4,"run":"a\\"b\\nc","layers":[]}'], CLOSE_INVALID_MESSAGE, "run",
      "invalid_message"),
     ("future version", ['{"type":"hello","v":99,"run":"x","layers":[],"new_field":1}'], CLOSE_UNSUPPORTED_VERSION,
      "version 99", "unsupported_version"),
@@ -560,3 +562,27 @@ def test_tls_serves_wss(start_collector, tmp_path):
     with connect(collector.ws_url, ssl=client_tls) as ws:
         ws.send(encode(Hello(v=PROTOCOL_VERSION, run="secure", layers=LAYERS)))
         assert isinstance(decode_collector_message(ws.recv(timeout=10)), Welcome)
+
+
+def test_lr_find_and_landscape_results_are_kept_served_and_survive_a_restart(collector, open_probe):
+    ws, _ = open_probe(collector.ws_url, "exp-lr-find", tags={"kind": "lr-find"})
+    ws.send(steps(rec(1), rec(2)))
+    ws.send(encode(LRFind(lrs=[1e-4, 1e-3], losses=[2.0, math.nan], smoothed=[2.0, math.nan], suggested_lr=1e-4,
+                          alternative_lr=1e-5, min_loss_lr=1e-4, reason="the LR at the minimum / 10")))
+    ws.send(encode(Landscape(step=2, alphas=[-1.0, 0.0, 1.0], losses=[[2.0, 1.0, 3.0]], centre=1.0,
+                             directions=["random"], radius=1.0)))
+    ws.send(encode(Bye()))
+    ws.close()
+
+    def results() -> dict | None:
+        found = collector.get_json("/api/runs/exp-lr-find/series")["results"]
+        return found if len(found) == 2 else None
+
+    served = collector.wait_for(results, what="both results")
+    assert served["lr_find"]["losses"] == [2.0, None] and served["lr_find"]["reason"] == "the LR at the minimum / 10"
+    assert served["landscape"]["losses"] == [[2.0, 1.0, 3.0]]
+    assert series(collector.metrics(), "gradwatch_collector_messages_total", type="lr_find") == 1
+    collector.wait_for(lambda: collector.get_json("/api/runs")[0]["status"] == "finished", what="run finished")
+    collector.kill()
+    collector.start()
+    assert collector.get_json("/api/runs/exp-lr-find/series")["results"] == served

@@ -154,7 +154,7 @@ DEEP = [
     nested(100_000),  # 100k nested arrays
     nested(100_000)[:-1],  # ... unterminated
     '{"a":' * 100_000 + "1" + "}" * 100_000,  # 100k nested objects
-    '{"type":"hello","v":3,"run":"r","layers":' + nested(100_000) + "}",
+    '{"type":"hello","v":4,"run":"r","layers":' + nested(100_000) + "}",
     '{"type":"steps","records":[{"step":1,"time":1,"scalars":' + '{"a":' * 50_000 + "1" + "}" * 50_000 + "}]}",
 ]
 
@@ -220,14 +220,14 @@ RAW_STEPS = '{{"type":"steps","records":[{{"step":{step},"time":1.0{extra}}}]}}'
 HOSTILE_FRAMES: list[tuple[str, list[str | bytes], set[int]]] = [
     # (name, frames, acceptable close codes)
     ("100k nested arrays", [nested(100_000)], {CLOSE_INVALID_MESSAGE}),
-    ("nested layers in hello", ['{"type":"hello","v":3,"run":"r","layers":' + nested(20_000) + "}"],
+    ("nested layers in hello", ['{"type":"hello","v":4,"run":"r","layers":' + nested(20_000) + "}"],
      {CLOSE_INVALID_MESSAGE}),
     ("invalid utf-8 binary frame", [b"\xff\xfe{\x00"], {CLOSE_INVALID_MESSAGE}),
     ("empty frame", [""], {CLOSE_INVALID_MESSAGE}),
-    ("NUL in run name", ['{"type":"hello","v":3,"run":"a\\u0000b","layers":[]}'], {CLOSE_INVALID_MESSAGE}),
+    ("NUL in run name", ['{"type":"hello","v":4,"run":"a\\u0000b","layers":[]}'], {CLOSE_INVALID_MESSAGE}),
     ("series injection in layer",
-     ['{"type":"hello","v":3,"run":"inj","layers":["x\\"} 1\\nevil 1"]}'], {CLOSE_INVALID_MESSAGE}),
-    ("unicode run name", ['{"type":"hello","v":3,"run":"日本","layers":[]}'], {CLOSE_INVALID_MESSAGE}),
+     ['{"type":"hello","v":4,"run":"inj","layers":["x\\"} 1\\nevil 1"]}'], {CLOSE_INVALID_MESSAGE}),
+    ("unicode run name", ['{"type":"hello","v":4,"run":"日本","layers":[]}'], {CLOSE_INVALID_MESSAGE}),
     ("NaN version", ['{"type":"hello","v":NaN,"run":"r","layers":[]}'], {CLOSE_INVALID_MESSAGE}),
     ("version as string", ['{"type":"hello","v":"999","run":"r","layers":[]}'],
      {CLOSE_INVALID_MESSAGE, CLOSE_UNSUPPORTED_VERSION}),  # lax: "999" reads as version 999

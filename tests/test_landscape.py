@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gradwatch
+from gradwatch import protocol
 from gradwatch.probe.landscape import filter_normalize_, landscape
 from tests.diagnostic_models import (
     TinyGPT,
@@ -22,6 +24,7 @@ from tests.diagnostic_models import (
     teacher_batches,
     token_batches,
 )
+from tests.probe_helpers import read_spool
 
 
 def trained(model: nn.Module, batches: list[Any], loss_fn: Any, steps: int = 30) -> nn.Module:
@@ -197,3 +200,29 @@ def test_plot_draws_a_line_or_a_contour(directions: int, tmp_path: Path) -> None
     ax = landscape(model, teacher_batches(2), F.mse_loss, directions=directions, points=5).plot()
     assert ax.get_xlabel() == "random direction"
     ax.figure.savefig(tmp_path / "landscape.png")
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+def test_run_landscape_sends_its_grid(directions: int, tmp_path: Path) -> None:
+    model = trained(mlp(), teacher_batches(8), F.mse_loss)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    spool = tmp_path / "s.jsonl"
+    run = gradwatch.attach(model, optimizer, name="grid", url=f"file:{spool}")
+    batch = teacher_batches(1)[0]
+    optimizer.zero_grad()
+    F.mse_loss(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+    result = run.landscape(teacher_batches(2), F.mse_loss, directions=directions, points=5)
+    run.detach()
+    _, _, others = read_spool(spool)
+    grid = next(m for m in others if isinstance(m, protocol.Landscape))
+    assert (grid.step, grid.alphas, grid.centre) == (1, result.alphas, result.centre)
+    assert grid.directions == ["random"] * directions and grid.losses == result.losses
+    assert grid.betas == (result.betas if directions == 2 else [])
+
+
+def test_a_grid_too_large_for_the_protocol_is_not_sent() -> None:
+    model = mlp()
+    big = landscape(model, teacher_batches(1), F.mse_loss, directions=1, points=protocol.MAX_LANDSCAPE_AXIS + 2)
+    small = landscape(model, teacher_batches(1), F.mse_loss, directions=1, points=5)
+    assert big.message(0) is None and small.message(0) is not None

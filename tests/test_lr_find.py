@@ -3,6 +3,7 @@ suggestion against a hand sweep, GradScaler, accumulation, what it streams, the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from gradwatch.probe.lr_find import lr_find, suggest
+from gradwatch import protocol
+from gradwatch.probe.lr_find import LRFindResult, lr_find, suggest
 from tests.diagnostic_models import (
     TinyGPT,
     assert_identical,
@@ -25,6 +27,12 @@ from tests.diagnostic_models import (
     token_batches,
 )
 from tests.probe_helpers import read_spool
+
+RESULT_TEMPLATE = LRFindResult(
+    suggested_lr=1e-3, reason="why", steepest_lr=1e-3, min_loss_lr=1e-2, alternative_lr=1e-3, lrs=[], losses=[],
+    smoothed=[], steps_taken=0, steps_planned=0, stop_reason="end", stop_detail="end", group_ratios=(1.0,),
+    run_name=None,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -277,6 +285,21 @@ def test_every_step_streams_as_a_run_of_its_own(spool: Path) -> None:
     assert [r.scalars["smoothed_loss"] for r in records] == pytest.approx(result.smoothed[: result.steps_taken])
     assert all(r.layer_grad_sq is not None for r in records)  # attach options reach the run
     assert others[-1].status == "finished" and "suggested lr" in others[-1].reason
+    verdict = others[-2]  # the verdict goes before the bye
+    assert isinstance(verdict, protocol.LRFind)
+    assert verdict.lrs == result.lrs and verdict.smoothed == pytest.approx(result.smoothed, nan_ok=True)
+    assert (verdict.suggested_lr, verdict.alternative_lr, verdict.reason) == (
+        result.suggested_lr, result.alternative_lr, result.reason)
+
+
+def test_a_long_test_sends_every_kth_point_and_the_last() -> None:
+    n = protocol.MAX_LR_FIND_POINTS * 2 + 1
+    lrs = [10 ** (-7 + 8 * i / (n - 1)) for i in range(n)]
+    losses = [1.0] * (n - 1) + [math.nan]  # the last point stopped it
+    result = dataclasses.replace(RESULT_TEMPLATE, lrs=lrs, losses=losses, smoothed=losses)
+    message = result.message()
+    assert len(message.lrs) <= protocol.MAX_LR_FIND_POINTS
+    assert message.lrs[0] == lrs[0] and message.lrs[-1] == lrs[-1] and math.isnan(message.losses[-1])
 
 
 def test_the_default_name_comes_from_the_environment(spool: Path) -> None:

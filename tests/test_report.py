@@ -8,6 +8,7 @@ import re
 from gradwatch.client.report import report_html
 from gradwatch.collector.detectors.base import Observation
 from gradwatch.collector.series import RunSeries
+from gradwatch.protocol import Landscape, LRFind
 
 HOSTILE = "</script><script>alert(1)</script>"
 
@@ -36,3 +37,19 @@ def test_network_text_cannot_end_the_data_script() -> None:
     payload = json.loads(data[len("window.GRADWATCH_REPORT = "):].rstrip().rstrip(";"))
     assert payload["series"]["markers"][0]["message"] == HOSTILE  # the page sets it as text
     assert payload["series"]["reset"] is True
+
+
+def test_the_lr_range_test_and_the_landscape_are_in_the_report() -> None:
+    series = RunSeries()
+    series.keep(LRFind(lrs=[1e-4, 1e-3, 1e-2], losses=[2.0, 1.0, 9.0], smoothed=[2.0, 1.5, 4.0], suggested_lr=1e-3,
+                       alternative_lr=1e-4, min_loss_lr=1e-3, reason=HOSTILE))
+    series.keep(Landscape(step=3, alphas=[-1.0, 0.0, 1.0], betas=[-1.0, 0.0, 1.0], losses=[[1.0, 2.0, 3.0]] * 3,
+                          centre=2.0, directions=["random", "random"], radius=1.0))
+    html = report_html({"name": "r-lr-find", "tags": {"kind": "lr-find"}}, json.loads(json.dumps(series.since(0))),
+                       [], 0.0)
+    assert "class Results" in html and 'id="lr-find-chart"' in html and 'id="landscape-chart"' in html
+    data = html[html.index("window.GRADWATCH_REPORT = ") + len("window.GRADWATCH_REPORT = "):]
+    payload = json.loads(data[:data.index("</script>")].rstrip().rstrip(";"))
+    results = payload["series"]["results"]
+    assert results["lr_find"]["reason"] == HOSTILE and results["lr_find"]["suggested_lr"] == 1e-3
+    assert results["landscape"]["betas"] == [-1.0, 0.0, 1.0]

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.nn.functional as F
 from websockets.sync.client import connect
 
+import gradwatch
 from gradwatch import protocol
 from gradwatch.scenarios import SCENARIOS
 
@@ -28,13 +31,16 @@ pytestmark = [
 
 # What a page may take to show what the collector has: its stream pushes every 0.25 s.
 LIVE_SECONDS = 2.0
-# Counts the drawn (non-transparent) pixels of every canvas on the page.
-CANVAS_PIXELS = """[...document.querySelectorAll('canvas')].map((c) => {
+# Counts the drawn (non-transparent) pixels of every shown canvas under an element (a panel
+# with nothing to show is hidden).
+CANVAS_PIXELS_IN = """(root) => [...document.querySelector(root).querySelectorAll('canvas')]
+  .filter((c) => c.getClientRects().length).map((c) => {
   const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
   let drawn = 0;
   for (let i = 3; i < data.length; i += 4) if (data[i]) drawn++;
   return drawn;
 })"""
+CANVAS_PIXELS = f"({CANVAS_PIXELS_IN})('body')"
 
 
 class Page:
@@ -173,4 +179,60 @@ def test_a_finished_run_page_works_after_a_restart_and_as_a_report(browser: Any,
     page.drawn()
     assert all(n > 0 for n in page.tab.evaluate(CANVAS_PIXELS))
     assert page.tab.locator("#alerts tr", has_text="nonfinite").count() >= 1
+    assert page.errors == []
+
+
+def canvas_pixels(page: Page, selector: str) -> int:
+    return sum(page.tab.evaluate(CANVAS_PIXELS_IN, selector))
+
+
+def teacher(seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(64, 8, generator=generator)
+    return [(inputs, inputs @ torch.linspace(-1, 1, 8).unsqueeze(1))]
+
+
+def test_an_lr_find_run_and_a_landscape_draw_on_their_pages(browser: Any, collector: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    result = gradwatch.lr_find(model, optimizer, teacher(0), F.mse_loss, steps=60, name="browser",
+                               url=collector.ws_url)
+    page = Page(browser)
+    page.tab.goto(f"{collector.http_url}/runs/browser-lr-find")
+    page.drawn()
+    page.wait("!document.querySelector('#lr-find').hidden && document.querySelector('.verdict b') !== null")
+    assert canvas_pixels(page, "#lr-find") > 0
+    verdict = page.tab.locator("#lr-find-verdict").text_content()
+    assert result.reason in verdict and "suggested lr" in verdict and "alternative" in verdict
+    assert page.tab.locator("#landscape").is_hidden()
+    page.tab.locator("#lr-find").screenshot(path=str(tmp_path / "lr-find.png"))
+    assert page.errors == []
+
+    for directions in (1, 2):
+        name = f"browser-landscape-{directions}"
+        run = gradwatch.attach(model, optimizer, name=name, url=collector.ws_url)
+        for inputs, targets in teacher(1) * 3:
+            optimizer.zero_grad()
+            F.mse_loss(model(inputs), targets).backward()
+            optimizer.step()
+        run.landscape(teacher(2), F.mse_loss, directions=directions, points=9)
+        run.detach()
+        page = Page(browser)
+        page.tab.goto(f"{collector.http_url}/runs/{name}")
+        page.drawn()
+        page.wait("!document.querySelector('#landscape').hidden")
+        assert canvas_pixels(page, "#landscape") > 0 and page.tab.locator("#lr-find").is_hidden()
+        assert "step 3" in page.tab.locator("#landscape-note").text_content()
+        page.tab.locator("#landscape").screenshot(path=str(tmp_path / f"{name}.png"))
+        assert page.errors == []
+
+    report = tmp_path / "landscape.html"
+    written = subprocess.run([sys.executable, "-m", "gradwatch", "report", "browser-landscape-2", "-o", str(report),
+                              "--url", collector.http_url], capture_output=True, text=True, timeout=60, check=False)
+    assert written.returncode == 0, written.stderr
+    page = Page(browser)
+    page.tab.goto(report.as_uri())
+    page.drawn()
+    assert canvas_pixels(page, "#landscape") > 0
     assert page.errors == []

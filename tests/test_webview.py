@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gradwatch.collector.detectors.base import Observation
 from gradwatch.collector.series import Marker, RunSeries
 from gradwatch.collector.webview import WebView
+from gradwatch.protocol import Landscape, LRFind
 
 RUN = "exp-1:lr@3e-4"
 
@@ -125,5 +126,29 @@ def test_the_runs_stream_sends_the_list_when_it_changes() -> None:
         runs[0] = {**runs[0], "last_step": 5}
         assert (await next_event(response))[0]["last_step"] == 5
         response.close()
+
+    serve(test)
+
+
+def test_results_reach_the_series_json_and_the_stream() -> None:
+    lr_find = LRFind(lrs=[1e-4, 1e-3, 1e-2], losses=[2.0, 1.0, float("nan")], smoothed=[2.0, 1.5, float("nan")],
+                     suggested_lr=1e-3, alternative_lr=1e-4, min_loss_lr=1e-3, reason="steepest <b>descent</b>")
+    grid = Landscape(step=4, alphas=[-1.0, 0.0, 1.0], losses=[[2.0, 1.0, 2.5]], centre=1.0, directions=["random"],
+                     radius=1.0)
+
+    async def test(client: TestClient, runs: Any, series: dict[str, RunSeries]) -> None:
+        response = await client.get(f"/api/runs/{RUN}/stream")
+        assert (await next_event(response))["results"] == {}
+        series[RUN].keep(lr_find)
+        sent = (await next_event(response))["results"]
+        assert list(sent) == ["lr_find"] and sent["lr_find"]["losses"] == [2.0, 1.0, None]
+        response.close()
+        series[RUN].keep(grid)
+        data = await (await client.get(f"/api/runs/{RUN}/series")).json()
+        assert data["results"]["lr_find"]["reason"] == "steepest <b>descent</b>"
+        assert data["results"]["lr_find"]["suggested_lr"] == 1e-3
+        assert data["results"]["landscape"] == {
+            "type": "landscape", "step": 4, "alphas": [-1.0, 0.0, 1.0], "betas": [], "losses": [[2.0, 1.0, 2.5]],
+            "centre": 1.0, "directions": ["random"], "radius": 1.0}
 
     serve(test)

@@ -33,6 +33,8 @@ from gradwatch.protocol import (
     Bye,
     Heartbeat,
     Hello,
+    Landscape,
+    LRFind,
     ProtocolError,
     Received,
     Steps,
@@ -46,7 +48,7 @@ MAX_BATCH_BYTES = 1024 * 1024  # stays well under the collector's default 4 MiB 
 PROGRESS_SECONDS = 0.5
 CONFIRM_SECONDS = 10.0  # the longest wait for the collector's next confirmation
 
-FollowUp = Steps | Heartbeat | Ack | Bye  # what a connection sends after its hello
+FollowUp = Steps | Heartbeat | Ack | Bye | LRFind | Landscape  # what a connection sends after its hello
 
 
 @dataclass

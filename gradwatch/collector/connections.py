@@ -35,6 +35,8 @@ from gradwatch.protocol import (
     Bye,
     Heartbeat,
     Hello,
+    Landscape,
+    LRFind,
     ProtocolError,
     Received,
     Steps,
@@ -209,7 +211,7 @@ class Connections:
         await self.on_events(joined.events)
         return peer
 
-    async def _dispatch(self, peer: Peer, message: Hello | Steps | Heartbeat | Ack | Bye) -> None:
+    async def _dispatch(self, peer: Peer, message: Hello | Steps | Heartbeat | Ack | Bye | LRFind | Landscape) -> None:
         if self.registry.runs.get(peer.hello.run) is not peer.run:
             raise Refused(CLOSE_POLICY, "run_refused", f"run {peer.hello.run!r} was restarted or evicted")
         now = self.clock()
@@ -224,6 +226,8 @@ class Connections:
             events = self.registry.heartbeat(name, rank, now)
         elif isinstance(message, Ack):
             events = self.registry.ack(name, rank, message, now)
+        elif isinstance(message, (LRFind, Landscape)):
+            events = self.registry.result(name, rank, message, now)
         else:
             events = self.registry.bye(name, rank, message, now)
         self.stats.messages[message.type] += 1

@@ -29,7 +29,7 @@ from gradwatch.collector.registry import Registry, RunState
 from gradwatch.protocol import ALERT_KINDS
 
 SEVERITIES = ("info", "warning", "critical")
-MESSAGE_TYPES = ("hello", "steps", "heartbeat", "ack", "bye")
+MESSAGE_TYPES = ("hello", "steps", "heartbeat", "ack", "bye", "lr_find", "landscape")
 # Every reason a message or connection is refused, so each has a series from the start.
 REJECT_REASONS = (
     "invalid_message",  # not JSON, wrong types, unknown message type (close 1007)

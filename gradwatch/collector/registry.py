@@ -50,6 +50,8 @@ from gradwatch.protocol import (
     Action,
     Bye,
     Hello,
+    Landscape,
+    LRFind,
     ProtocolError,
     StepRecord,
     Steps,
@@ -256,6 +258,12 @@ class Registry:
         _, alert_kind = run.action_state.sent.get(ack.id, (ack.kind, "unknown"))
         run.actions_total[(ack.kind, ack.outcome)] += 1
         return self._update_status(run, now) + [ActionAcked(run.name, rank, ack, alert_kind)]
+
+    def result(self, run_name: str, rank: int, message: LRFind | Landscape, now: float) -> list[Event]:
+        """An LR range test's verdict or a landscape grid: kept with the run's page."""
+        run, _ = self._touch(run_name, rank, now)
+        run.series.keep(message)
+        return self._update_status(run, now)
 
     def bye(self, run_name: str, rank: int, bye: Bye, now: float) -> list[Event]:
         run, state = self._touch(run_name, rank, now)

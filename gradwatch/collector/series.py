@@ -1,5 +1,5 @@
-"""A run's history for the web view: its curves, its gradient-flow matrix, and the alerts and
-actions that mark them.
+"""A run's history for the web view: its curves, its gradient-flow matrix, the alerts and
+actions that mark them, and its one-off results (an LR range test, a landscape: results.py).
 
 Pure: observations (as the detectors see them) and markers in; JSON-ready snapshots and
 deltas out; no I/O, no clock. Bounded: BUCKETS buckets per curve (see buckets.py: min, max
@@ -38,6 +38,7 @@ from typing import Any
 from gradwatch.collector.buckets import Cells, StepBuckets, decode, encode
 from gradwatch.collector.detectors.base import Observation
 from gradwatch.collector.flow import GradientFlow
+from gradwatch.collector.results import Result, Results
 
 BUCKETS = 1024  # per curve at most; between 512 and 1024 once the run is long
 CURVE_DIGITS = 6
@@ -97,6 +98,7 @@ class RunSeries:
         self.markers: deque[tuple[int, Marker]] = deque(maxlen=MAX_MARKERS)  # (version, marker)
         self.previous: tuple[int, float] | None = None  # (step, time) of the last observation
         self.train_losses = (0.0, 0)  # sum and count of finite train losses since the last val_loss
+        self.results = Results()
 
     def observe(self, obs: Observation) -> None:
         if obs.step <= self.last_step:
@@ -118,9 +120,14 @@ class RunSeries:
         self.version += 1
         self.markers.append((self.version, marker))
 
+    def keep(self, result: Result) -> None:
+        """An LR range test's verdict or a landscape grid (the newest of each kind is kept)."""
+        self.version += 1
+        self.results.keep(result, self.version)
+
     def since(self, version: int) -> dict[str, Any]:
         """Everything that changed after `version`: the curves' and the matrix's changed
-        buckets, and the new markers. A version this series never had (0, or one from
+        buckets, the new markers and results. A version this series never had (0, or one from
         before a restart) gets everything, with `reset` true; so does a part (`curves`,
         `layers`) whose buckets were merged since, with its own `reset`."""
         reset = not 0 < version <= self.version
@@ -132,11 +139,13 @@ class RunSeries:
             "curves": self._curves_since(version, reset),
             "layers": self.flow.since(version, flow_reset) if self.flow is not None else None,
             "markers": [asdict(m) for v, m in self.markers if reset or v > version],
+            "results": self.results.since(version, reset),
         }
 
     def to_json(self) -> dict[str, Any]:
         """Everything, to save a finished run's page (see `from_json`)."""
-        return {"format": FORMAT, **self.since(0), "previous": self.previous, "train_losses": self.train_losses}
+        return {"format": FORMAT, **self.since(0), "results": self.results.to_json(), "previous": self.previous,
+                "train_losses": self.train_losses}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunSeries:
@@ -153,7 +162,8 @@ class RunSeries:
         """About what this series holds in memory: its arrays, row names and marker texts."""
         flow = self.flow.nbytes if self.flow is not None else 0
         curves = sum(c.nbytes for c in self.curves.values())
-        return self.buckets.nbytes + curves + flow + sum(m.nbytes for _, m in self.markers)
+        markers = sum(m.nbytes for _, m in self.markers)
+        return self.buckets.nbytes + curves + flow + markers + self.results.nbytes
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -232,6 +242,7 @@ class RunSeries:
         series.previous = (int(previous[0]), float(previous[1])) if previous is not None else None
         loss_sum, losses = data["train_losses"]
         series.train_losses = (float(loss_sum), int(losses))
+        series.results = Results.from_json(data.get("results", {}), series.version)  # absent: saved before results
         return series
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from gradwatch import protocol
 from gradwatch.probe.batch_loss import LossFn, batch_loss
 
 
@@ -67,6 +68,15 @@ class LandscapeResult:
             values[f"landscape_curvature_{k}"] = curvature
             values[f"landscape_rise_{k}"] = rise
         return values
+
+    def message(self, step: int) -> protocol.Landscape | None:
+        """The grid for the collector, taken at `step`; None when an axis has more points
+        than the protocol carries (the summary scalars still go)."""
+        if len(self.alphas) > protocol.MAX_LANDSCAPE_AXIS:
+            return None
+        two = len(self.directions) == 2
+        return protocol.Landscape(step=step, alphas=self.alphas, betas=self.betas if two else [], losses=self.losses,
+                                  centre=self.centre, directions=list(self.directions), radius=self.radius)
 
     def __str__(self) -> str:
         size = "x".join(str(len(axis)) for axis in (self.alphas, self.betas) if len(axis) > 1)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from gradwatch import protocol
 from gradwatch.probe.batch_loss import LossFn, batch_loss, cycled
 from gradwatch.probe.environment import default_run_name, unwrap_optimizer
 from gradwatch.probe.run import Run
@@ -89,6 +90,22 @@ class LRFindResult:
              f"{self.min_loss_lr:.2e}, / 10)"),
         ]
         return "\n".join(lines)
+
+    def message(self) -> protocol.LRFind:
+        """The curve and verdict for the collector; a test longer than the protocol carries
+        sends every k-th point, and always its last (the one that stopped it)."""
+        stride = math.ceil(len(self.lrs) / protocol.MAX_LR_FIND_POINTS)
+        kept = sorted({*range(0, len(self.lrs), stride), len(self.lrs) - 1})[-protocol.MAX_LR_FIND_POINTS:]
+        return protocol.LRFind(
+            lrs=[self.lrs[i] for i in kept],
+            losses=[self.losses[i] for i in kept],
+            smoothed=[self.smoothed[i] for i in kept],
+            suggested_lr=self.suggested_lr,
+            alternative_lr=self.alternative_lr,
+            min_loss_lr=self.min_loss_lr,
+            reason=self.reason[:protocol.MAX_TEXT],
+            stop_detail=self.stop_detail[:protocol.MAX_TEXT],
+        )
 
     def plot(self, ax: Any = None) -> Any:
         """The smoothed (and raw) loss against the LR on a log axis, the suggestion marked.
@@ -163,6 +180,8 @@ def lr_find(
         stop = _range_test(model, optimizer, cycled(batches), loss_fn, scaler, accumulation, schedule, ratios,
                            curve, run)
         result = _result(curve, stop, steps, diverge, ratios, run)
+        if run is not None:
+            run.send_result(result.message())
         bye_reason = f"lr-find: {result.stop_detail}; suggested lr {_lr_text(result.suggested_lr)}"
     except BaseException as error:
         status, bye_reason = "crashed", f"{type(error).__name__}: {error}"

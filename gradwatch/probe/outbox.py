@@ -38,7 +38,8 @@ only its step once evicted to make room), then *delivered* or *dropped*. After e
    and a confirmed record is never offered again.
 5. A message leaves after the records added before it (still held) and before those added
    after it. Messages are not confirmed: once sent, they are gone. They are few (an ack
-   per action the collector sent) and not bounded here.
+   per action the collector sent, an LR range test's verdict, a landscape grid per
+   `run.landscape` call) and not bounded here.
 6. `unreported` drops ride on the next batch offered (`Steps.dropped`, an empty batch if no
    record is ready), so the collector's count of the drops is the outbox's.
 """
@@ -55,12 +56,14 @@ from gradwatch.protocol import (
     Ack,
     Bye,
     Heartbeat,
+    Landscape,
+    LRFind,
     StepRecord,
     Steps,
     encode,
 )
 
-Message = Ack | Heartbeat | Bye
+Message = Ack | Heartbeat | Bye | LRFind | Landscape
 Frame = Steps | Message
 
 FIRST_RETRY = 0.5  # seconds before the first reconnect; doubled after each failure

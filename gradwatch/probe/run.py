@@ -221,10 +221,22 @@ class Run:
         """The loss around this run's current weights (`gradwatch.probe.landscape`; `options`:
         ``last_update=``, ``seed=``), its summary logged with the current step as
         ``landscape_centre`` and ``landscape_curvature_<k>`` / ``landscape_rise_<k>`` per
-        direction. Evaluated in eval mode under no_grad, which the probe's hooks ignore."""
+        direction, and its grid sent to the collector (the run's page draws it). Evaluated in eval mode under no_grad, which the probe's hooks ignore."""
         result = landscape(self.model, batches, loss_fn, directions, points, radius, **options)
         self.log(**result.scalars())
+        message = result.message(self.step)
+        if message is not None:
+            self.send_result(message)
+        else:
+            log.info("gradwatch: the landscape's %d points per axis exceed the %d the collector takes; only its "
+                     "summary is sent", len(result.alphas), protocol.MAX_LANDSCAPE_AXIS)
         return result
+
+    def send_result(self, message: protocol.LRFind | protocol.Landscape) -> None:
+        """Send an LR range test's verdict or a landscape grid to the collector, after the
+        records submitted so far (`lr_find` and `landscape` do)."""
+        if not self._detached:
+            self._transport.submit(message)
 
     def detach(self, status: str = "finished", reason: str = "") -> None:
         """Flush, unhook, say goodbye to the collector. Idempotent; also runs at exit."""

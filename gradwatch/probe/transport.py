@@ -46,6 +46,9 @@ from gradwatch.protocol import Action, Bye, Hello, Received, StepRecord
 log = logging.getLogger("gradwatch.probe")
 
 Job = Callable[[], StepRecord | None]
+# Messages that ride between the records, in order, unconfirmed (see outbox.py).
+MESSAGES = (protocol.Ack, protocol.LRFind, protocol.Landscape)
+Message = protocol.Ack | protocol.LRFind | protocol.Landscape
 
 # A failure of the link, worth retrying; any other exception in the transport is a bug.
 NETWORK_ERRORS = (OSError, TimeoutError, ConnectionClosed, InvalidURI, InvalidHandshake)
@@ -213,7 +216,7 @@ class Transport:
         # The outbox is not thread-safe: the background thread uses it under this lock, and
         # the training thread takes it only to count a drop.
         self._lock = threading.Lock()
-        self._backlog: deque[Job | protocol.Ack] = deque()  # training thread -> background thread
+        self._backlog: deque[Job | Message] = deque()  # training thread -> background thread
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._off = False  # switched off for the rest of the run: nothing is sent any more
@@ -232,9 +235,9 @@ class Transport:
     def backlog_full(self) -> bool:
         return self._off or len(self._backlog) >= self._max_backlog
 
-    def submit(self, job: Job | protocol.Ack) -> None:
+    def submit(self, job: Job | Message) -> None:
         if self.backlog_full():
-            if not isinstance(job, protocol.Ack):  # an ack is not a step: no drop to count
+            if not isinstance(job, MESSAGES):  # a message is not a step: no drop to count
                 self.count_drop()
             return
         self._backlog.append(job)
@@ -284,7 +287,7 @@ class Transport:
     def _drain_backlog(self) -> None:
         while self._backlog:
             item = self._backlog.popleft()
-            if isinstance(item, protocol.Ack):
+            if isinstance(item, MESSAGES):
                 with self._lock:
                     self._outbox.add_message(item)
                 continue
@@ -396,7 +399,7 @@ class Transport:
 
     def _discard_backlog(self) -> None:
         while self._backlog:
-            if not isinstance(self._backlog.popleft(), protocol.Ack):
+            if not isinstance(self._backlog.popleft(), MESSAGES):
                 self.count_drop()
 
 

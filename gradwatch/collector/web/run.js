@@ -1,5 +1,6 @@
 "use strict";
-// A run's page: its header, the curves, the gradient-flow heatmap and the alert list, kept
+// A run's page: its header, the curves, its results (an LR range test, a loss landscape: results.js),
+// the gradient-flow heatmap and the alert list, kept
 // live by the collector's event stream (each message: what changed since the last one).
 // In a report written by `gradwatch report`, the same page draws `GRADWATCH_REPORT` once.
 
@@ -9,6 +10,7 @@ const page = {
   curves: { width: 1, step: [], skipped: [], nonfinite: [], curves: {} },
   layers: null, // {rows, origin, step, max}; cells as Float32Array
   markers: [], // replaced (not changed in place) when markers arrive
+  results: {}, // the newest of each kind: {lr_find, landscape}
   markersShown: null,
   pending: false,
 };
@@ -59,7 +61,9 @@ function apply(message) {
   if (message.reset) {
     page.layers = null;
     page.markers = [];
+    page.results = {};
   }
+  page.results = { ...page.results, ...(message.results || {}) };
   applyCurves(message.curves);
   if (message.layers) applyLayers(message.layers);
   if (message.markers.length) page.markers = [...page.markers, ...message.markers];
@@ -71,6 +75,7 @@ function apply(message) {
 }
 
 const charts = new Charts(document.getElementById("charts"));
+const results = new Results();
 const heatmap = new Heatmap(document.getElementById("heatmap"), document.getElementById("flow-tip"),
   document.getElementById("flow-scale"));
 
@@ -129,6 +134,7 @@ function render() {
   page.pending = false;
   renderHeader();
   charts.update(page.curves, page.markers);
+  results.update(page.results, page.run, page.curves);
   heatmap.update(page.layers, stepRange());
   renderAlerts();
   // For bench/page_load.py and the browser tests: when the page first showed data.
@@ -152,5 +158,8 @@ if (window.GRADWATCH_REPORT) {
     const body = answer ? await answer.json().catch(() => ({})) : {};
     showError(body.error || "The collector cannot be reached.");
   });
-  window.addEventListener("resize", () => heatmap.draw());
+  window.addEventListener("resize", () => {
+    heatmap.draw();
+    results.redraw();
+  });
 }
