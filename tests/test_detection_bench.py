@@ -20,14 +20,19 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("detection-cache")
 
 
+def _bench(cache: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "detection.py"), *args, "--cache", str(cache)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_detection_quick_prints_its_table(cache: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "detection.py"), "--quick", "--cache", str(cache)],
-        capture_output=True, text=True, timeout=380, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _bench(cache, "--quick", timeout=380)
     assert "== detection" in done.stdout
     assert "recall" in done.stdout
 
@@ -35,8 +40,4 @@ def test_detection_quick_prints_its_table(cache: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_held_out_table_in_the_docs_is_what_the_benchmark_prints(cache: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / "detection.py"), "--check-docs", "--cache", str(cache)],
-        capture_output=True, text=True, timeout=880, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _bench(cache, "--check-docs", timeout=880)

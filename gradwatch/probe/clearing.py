@@ -19,7 +19,9 @@ class ClearingCheck:
         self._noted: tuple[torch.Tensor, weakref.ref[torch.Tensor], int, int] | None = None
         self._kept = False
 
-    def after_update(self, sentinel: torch.Tensor | None) -> None:
+    def after_update(self, sentinels: tuple[torch.Tensor, ...]) -> None:
+        """The run's sentinel tensors (the first is watched), right after an update."""
+        sentinel = sentinels[0] if sentinels else None
         grad = sentinel.grad if sentinel is not None else None
         if sentinel is not None and grad is not None:
             self._noted = (sentinel, weakref.ref(grad), grad._version, sentinel._version)

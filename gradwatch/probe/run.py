@@ -142,8 +142,7 @@ class Run:
         self.sharded = any(is_sharded(p) for p in model.parameters())
         self._layers = LayerMap(model, layers, contributes=self._contributes)
         self._param_ids = {id(p) for p in model.parameters()}
-        first = next(iter(model.parameters()), None)
-        home = first.device if first is not None else torch.device("cpu")
+        home = next(iter(model.parameters())).device
         self._measure = Measurer(self._layers, home)
         self._handoff = Handoff(self._measure.layout.length, self._measure.dtype, home)
         self._update_ratio = update_ratio
@@ -221,7 +220,8 @@ class Run:
         """The loss around this run's current weights (`gradwatch.probe.landscape`; `options`:
         ``last_update=``, ``seed=``), its summary logged with the current step as
         ``landscape_centre`` and ``landscape_curvature_<k>`` / ``landscape_rise_<k>`` per
-        direction, and its grid sent to the collector (the run's page draws it). Evaluated in eval mode under no_grad, which the probe's hooks ignore."""
+        direction, and its grid sent to the collector (the run's page draws it). Evaluated in
+        eval mode under no_grad, which the probe's hooks ignore."""
         result = landscape(self.model, batches, loss_fn, directions, points, radius, **options)
         self.log(**result.scalars())
         message = result.message(self.step)
@@ -396,7 +396,7 @@ class Run:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
         self._recorder.seal(vec, meta)
-        self._clearing.after_update(next(iter(self._sentinels()), None))
+        self._clearing.after_update(self._sentinels())
 
     def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
         """`loss.backward()` is about to run: note where the gradients of a few of this
@@ -415,7 +415,7 @@ class Run:
         if before is None or candidate is None:
             return
         if self.optimizer is None:  # the gradient hook took the loss during the backward
-            self._clearing.after_update(next(iter(self._sentinels()), None))
+            self._clearing.after_update(self._sentinels())
             return
         if not before:
             return  # nothing to attribute (see before_backward)

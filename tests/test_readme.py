@@ -1,0 +1,26 @@
+"""The README starts with two commands, the demo and the tests; CI runs exactly the second."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _block_after(heading: str) -> str:
+    """The bash block that follows the README paragraph starting with `heading`."""
+    readme = (REPO / "README.md").read_text()
+    match = re.search(rf"^{re.escape(heading)}.*?^```bash\n(.*?)^```$", readme, re.MULTILINE | re.DOTALL)
+    assert match, f"README.md: no bash block after '{heading}'"
+    return match.group(1).strip()
+
+
+def test_the_readme_commands_exist_and_ci_runs_the_test_command() -> None:
+    demo, tests = _block_after("Run the demo"), _block_after("Run the tests")
+    assert (demo, tests) == ("scripts/demo", "scripts/test")
+    for command in (demo, tests):
+        assert os.access(REPO / command, os.X_OK), f"{command} is not executable"
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == f"exec {tests}"
