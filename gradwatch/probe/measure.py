@@ -2,7 +2,7 @@
 
 Each optimizer step fills one packed float vector on the model's device:
 
-    [ grad_sq[L] | weight_sq[L] | update_sq[L] | loss, loss_scale, preclip_norm, found_inf ]
+    [ grad_sq[L] | weight_sq[L] | update_sq[L] | loss, loss_scale, preclip_norm, found_inf, skipped ]
 
 Squared norms per layer come from one ``torch._foreach_norm`` per (device, dtype) group
 followed by an ``index_add_`` into the layer slots; nothing leaves the device here. The
@@ -19,7 +19,7 @@ import torch
 
 from gradwatch.probe.layers import LayerMap
 
-EXTRAS = ("loss", "loss_scale", "preclip_norm", "found_inf")
+EXTRAS = ("loss", "loss_scale", "preclip_norm", "found_inf", "skipped")  # skipped: the skip guard's device flag
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ def build_record(meta: StepMeta, values: list[float], layout: Layout) -> protoco
     weight_sq = _unmeasured(values[layout.weight()], meta.frozen) if meta.detail else None
     update_sq = _unmeasured(values[layout.update()], meta.frozen) if meta.with_updates else None
     found_inf = meta.has_found_inf and values[layout.extra("found_inf")] > 0
+    guard_skipped = values[layout.extra("skipped")] > 0  # decided on the device (actions.SkipGuard)
     return protocol.StepRecord(
         step=meta.step,
         time=meta.time,
@@ -92,7 +93,7 @@ def build_record(meta: StepMeta, values: list[float], layout: Layout) -> protoco
         grad_norm_sq=sum(v for v in layer_grad_sq if v is not None) if meta.present else None,
         grad_norm_preclip=values[layout.extra("preclip_norm")] if meta.has_preclip else None,
         nonfinite_layers=sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v)),
-        skipped=meta.skipped or found_inf,
+        skipped=meta.skipped or found_inf or guard_skipped,
         grads_kept=meta.grads_kept,
         loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
         lr=[to_float(v) or 0.0 for v in meta.lr],
