@@ -355,6 +355,22 @@ def test_actions_only_for_runs_that_opted_in():
     ]
 
 
+def test_the_ranks_of_a_distributed_run_are_armed_together_once_all_joined():
+    """Each rank judges every step on its own: they must arm at the same step, or one would
+    skip a poisoned step that another takes."""
+    reg = registry(POLICY)
+    first = reg.hello(hello(actions=True, world_size=2), 0.0)
+    assert first.actions == [] and not [e for e in first.events if isinstance(e, ActionIssued)]
+    reg.steps("r", 0, Steps(records=[record(s) for s in range(1, 6)]), 1.0)
+    second = reg.hello(hello(rank=1, actions=True, world_size=2), 2.0)
+    assert second.actions == []
+    armed = [e.action for e in second.events if isinstance(e, ActionIssued)]  # sent to every rank
+    assert [(a.kind, a.params, a.step) for a in armed] == [("skip_step", {"on": "nonfinite"}, 5 + 2)]
+    again = reg.hello(hello(rank=1, actions=True, world_size=2), 3.0)  # a rank that joins again
+    assert again.actions == armed and not [e for e in again.events if isinstance(e, ActionIssued)]
+    assert reg.runs["r"].actions_total[("skip_step", "armed")] == 1
+
+
 def test_action_cooldown_in_steps():
     reg = registry(POLICY)
     reg.hello(hello(actions=True), 0.0)

@@ -74,3 +74,48 @@ def test_two_ranks_report_norms_the_collector_can_merge(tmp_path: Path, mode: st
         else:  # sharded: partial squares, summed (never averaged) by the collector
             assert sum(per_rank) == pytest.approx(reference[step], rel=1e-5)
             assert 0 < per_rank[0] < reference[step]
+
+
+def _guarded_worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    """Rank 1's fourth batch is poisoned. Under DDP its NaN reaches every rank's averaged
+    gradient; under FSDP2 only rank 1's shard holds it, and clip_grad_norm_'s global norm
+    tells every rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyNet()
+        if mode == "ddp":
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        run = gradwatch.attach(model, opt, url=f"file:{out}/spool.jsonl", name=f"guard-{mode}", every=1, actions=True)
+        from gradwatch import protocol
+
+        run._actions.receive(protocol.Action(id="arm", kind="skip_step", step=1, params={"on": "nonfinite"}))
+        for step, (x, y) in enumerate(batches(6, seed=rank), start=1):
+            if step == 4 and rank == 1:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+        run.detach()
+        weights = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+        Path(out, f"finite-{rank}.json").write_text(json.dumps(all(bool(w.isfinite().all()) for w in weights)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_every_rank_skips_the_same_poisoned_step(tmp_path: Path, mode: str) -> None:
+    mp.spawn(_guarded_worker, args=(2, _free_port(), mode, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        _, records, _ = read_spool(tmp_path / f"spool.jsonl.rank{rank}")
+        assert [r.step for r in records if r.skipped] == [4], rank
+        assert json.loads((tmp_path / f"finite-{rank}.json").read_text()) is True

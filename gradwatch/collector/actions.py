@@ -28,6 +28,7 @@ class RunActionState:
 
     last_sent_step: dict[str, int] = field(default_factory=dict)
     sent: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (action kind, alert kind)
+    arming: list[Action] | None = None  # the skip_step guards armed, once made
 
     def remember(self, action: Action, alert_kind: str) -> None:
         if len(self.sent) >= 1024:  # bounded: forget the oldest
@@ -54,14 +55,14 @@ class ActionPlanner:
     def enabled(self) -> bool:
         return any(self.policy.values())
 
-    def arming(self, state: RunActionState) -> list[Action]:
-        """Sent right after `welcome`: one `skip_step` per alert kind the policy maps to it,
-        arming the probe's local guard (a skip must happen in the same step, with no round trip)."""
+    def arming(self, state: RunActionState, step: int = 0) -> list[Action]:
+        """One `skip_step` per alert kind the policy maps to it, arming the probe's local guard
+        (a skip must happen in the same step, with no round trip) at `step` (0: at once)."""
         actions = []
         for alert_kind, policies in self.policy.items():
             if any(isinstance(p, SkipStep) for p in policies):
                 action = Action(
-                    id=_new_id(), kind="skip_step", step=0, params={"on": alert_kind},
+                    id=_new_id(), kind="skip_step", step=step, params={"on": alert_kind},
                     reason=f"arm the skip-step guard for {alert_kind}",
                 )
                 state.remember(action, alert_kind)

@@ -20,7 +20,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from gradwatch.collector.actions import ActionPlanner, RunActionState
+from gradwatch.collector.actions import ActionPlanner, RunActionState, lead_steps
 from gradwatch.collector.config import RetentionConfig
 from gradwatch.collector.detectors.base import (
     AlertEvent,
@@ -229,10 +229,29 @@ class Registry:
         events += self._update_status(run, now)
         with_actions = hello.actions and self.planner.enabled
         welcome = Welcome(run=run.name, actions=with_actions, http_url=self.http_url)
-        actions = self.planner.arming(run.action_state) if with_actions else []
-        for action in actions:
+        if not with_actions:
+            return Joined(welcome, [], events)
+        actions, broadcast = self._arm(run)
+        return Joined(welcome, actions, events + broadcast)
+
+    def _arm(self, run: RunState) -> tuple[list[Action], list[Event]]:
+        """The skip guards' arming: (actions for the joining connection, events for all ranks).
+        A single process is armed at once. The ranks of a distributed run must arm at the same
+        step, since each judges every step on its own and they must skip the same ones: they
+        are armed together, once all have joined, at a step ahead like any action. A rank that
+        joins again gets the same arming (applying it twice changes nothing)."""
+        state, world_size = run.action_state, run.hello.world_size
+        if state.arming is not None:
+            return list(state.arming), []
+        if world_size > 1 and sum(r.connected for r in run.ranks.values()) < world_size:
+            return [], []
+        step = 0 if world_size == 1 else run.highest_step + lead_steps(run.steps_per_second(), world_size)
+        state.arming = self.planner.arming(state, step)
+        for action in state.arming:
             run.actions_total[(action.kind, "armed")] += 1
-        return Joined(welcome, actions, events)
+        if world_size == 1:
+            return list(state.arming), []
+        return [], [ActionIssued(run.name, action, str(action.params["on"])) for action in state.arming]
 
     def steps(self, run_name: str, rank: int, message: Steps, now: float) -> list[Event]:
         run, state = self._touch(run_name, rank, now)

@@ -9,27 +9,25 @@ off, messages from the collector are ignored and training cannot be changed by t
 - ``skip_step``: arms a local guard (``params.on`` names the alert kind) that skips the
   optimizer step whose gradients are non-finite (``nonfinite``) or spike far above the
   recent median (``loss_spike``, ``exploding_gradients``): parameters and optimizer state
-  stay untouched. Deciding needs the gradient norm on the host, so an armed guard costs one
-  device sync per step; unarmed it costs nothing. Under GradScaler, overflowing steps are
-  already skipped by the scaler and the guard sees only finite gradients.
+  stay untouched. The guard decides and undoes on the device (`skip_guard.SkipGuard`):
+  armed, it costs a copy of the weights and optimizer state per step, and no sync; unarmed
+  it costs nothing. Under GradScaler, overflowing steps are already skipped by the scaler.
 - ``checkpoint``: calls the ``on_checkpoint(step)`` callback given to ``attach``.
 - ``stop``: raises ``gradwatch.StopTraining`` at the next step boundary (``stop="raise"``)
   or sets ``run.should_stop`` (``stop="flag"``).
 
 `ActionState` knows nothing of the run it serves: the run asks it at each step boundary
-which actions are due (and sends the acknowledgements it returns), whether to skip the step
-(given the tensors to read), and whether to stop; `guard_step` wraps `optimizer.step` so
-that the run's boundary callable is asked first.
+which actions are due (and sends the acknowledgements it returns), which skips are armed,
+and whether to stop; `guard_step` wraps `optimizer.step` so that the run's boundary
+callable runs first.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-import statistics
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,8 +37,7 @@ from gradwatch.errors import StopTraining
 
 log = logging.getLogger("gradwatch.probe")
 
-SPIKE_FACTOR = 10.0  # a gradient norm this many times the recent median is a spike
-SPIKE_WINDOW = 64
+SPIKES = frozenset({"loss_spike", "exploding_gradients"})  # alert kinds a gradient spike answers
 
 
 class ActionState:
@@ -56,7 +53,6 @@ class ActionState:
         self.min_lr = 0.0
         self._saved_lr: list[Any] | None = None
         self.skip_on: set[str] = set()
-        self._recent_norms: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.stopped_reason = ""
 
     # background thread
@@ -134,43 +130,34 @@ class ActionState:
             return "applied", self.stopped_reason
         return "refused", f"unknown action {action.kind}"
 
-    def should_skip(self, params: Sequence[torch.Tensor]) -> bool:
-        """Whether an armed guard skips the step about to be taken with these tensors'
-        gradients. Reads their norm on the host: one device sync, only while armed."""
-        if not self.skip_on:
-            return False
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return False
-        norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))))
-        if not math.isfinite(norm):
-            return "nonfinite" in self.skip_on
-        spike = (
-            len(self._recent_norms) >= 8
-            and norm > SPIKE_FACTOR * statistics.median(self._recent_norms)
-            and bool(self.skip_on & {"loss_spike", "exploding_gradients"})
-        )
-        if not spike:
-            self._recent_norms.append(norm)
-        return spike
+    @property
+    def skip_armed(self) -> bool:
+        return bool(self.skip_on)
+
+    @property
+    def skips_nonfinite(self) -> bool:
+        return "nonfinite" in self.skip_on
+
+    @property
+    def skips_spikes(self) -> bool:
+        return bool(self.skip_on & SPIKES)
 
 
-def guard_step(optimizer: torch.optim.Optimizer, at_boundary: Callable[[], bool]) -> Callable[[], None]:
+def guard_step(optimizer: torch.optim.Optimizer, at_boundary: Callable[[], None]) -> Callable[[], None]:
     """Wraps `optimizer.step` (an instance attribute) so that `at_boundary()` runs before each
-    step and the step is skipped when it returns True; returns the function that unwraps it.
-    `StopTraining` from the boundary propagates; any other failure takes the step."""
+    step; returns the function that unwraps it. `StopTraining` from the boundary propagates;
+    any other failure takes the step."""
     original = optimizer.step
 
     @functools.wraps(original)  # keeps the marks LR schedulers put on optimizer.step
     def step(*args: Any, **kwargs: Any) -> Any:
         try:
-            skip = at_boundary()
+            at_boundary()
         except StopTraining:
             raise
-        except Exception:  # the guard must never be why a step fails
-            log.exception("gradwatch: the action step guard failed; this step is taken")
-            skip = False
-        return None if skip else original(*args, **kwargs)
+        except Exception:  # the boundary must never be why a step fails
+            log.exception("gradwatch: applying the collector's actions failed; this step is taken")
+        return original(*args, **kwargs)
 
     optimizer.step = step  # type: ignore[method-assign]
 

@@ -86,3 +86,19 @@ def is_sharded(t: torch.Tensor) -> bool:
     return placements is not None and any(p.is_shard() for p in placements)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2): a view that in-place writes go through to; any
+    other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def replicated_value(t: torch.Tensor) -> torch.Tensor | None:
+    """The value every rank holds: a plain tensor, or a replicated DTensor's local copy
+    (clip_grad_norm_'s total norm under FSDP2); None for a DTensor that is not replicated."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return t
+    return local(t) if all(p.is_replicate() for p in placements) else None
+
+

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gradwatch.probe.environment import local
 from gradwatch.probe.layers import LayerMap
 
 EXTRAS = ("loss", "loss_scale", "preclip_norm", "found_inf", "skipped")  # skipped: the skip guard's device flag
@@ -43,12 +44,6 @@ class Layout:
 
     def extra(self, name: str) -> int:
         return 3 * self.layers + EXTRAS.index(name)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    # FSDP2 / DTensor: measure this rank's shard; the collector sums partial squares.
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,7 +135,7 @@ class Measurer:
                     tensors.append(None)
                     missing += 1
                 else:
-                    tensors.append(_local(g))
+                    tensors.append(local(g))
                     present.add(layer)
             self._add_norms(out, gi, tensors, missing)
         return present
@@ -151,9 +146,9 @@ class Measurer:
         The buffers are allocated on the first step that reports per-layer detail after
         the set of trainable tensors changed (frozen tensors get none)."""
         if self._snapshot is None:
-            self._snapshot = [[torch.empty_like(_local(p)) for p in g.params] for g in self.layer_map.groups]
+            self._snapshot = [[torch.empty_like(local(p)) for p in g.params] for g in self.layer_map.groups]
         for buffers, group in zip(self._snapshot, self.layer_map.groups):
-            torch._foreach_copy_(buffers, [_local(p) for p in group.params])
+            torch._foreach_copy_(buffers, [local(p) for p in group.params])
 
     @torch.no_grad()
     def weights_and_updates(self, vec: torch.Tensor, with_updates: bool) -> None:
@@ -161,7 +156,7 @@ class Measurer:
         weight_out = vec[self.layout.weight()]
         update_out = vec[self.layout.update()]
         for gi, group in enumerate(self.layer_map.groups):
-            params = [_local(p) for p in group.params]
+            params = [local(p) for p in group.params]
             self._add_norms(weight_out, gi, params)
             if with_updates and self._snapshot is not None:
                 # In place: the snapshot becomes w_before - w_after, whose norm is ||Δw||.

@@ -45,6 +45,7 @@ from gradwatch.probe.environment import (
     is_sharded,
     pick_collector,
     protocol_safe,
+    replicated_value,
     unwrap_optimizer,
 )
 from gradwatch.probe.handoff import Handoff
@@ -53,6 +54,7 @@ from gradwatch.probe.layers import LayerMap, LayerSpec
 from gradwatch.probe.loss import StepLoss, grad_state
 from gradwatch.probe.measure import Measurer
 from gradwatch.probe.record import Recorder, StepMeta
+from gradwatch.probe.skip_guard import SkipGuard
 from gradwatch.probe.transport import Transport
 
 log = logging.getLogger("gradwatch.probe")
@@ -155,6 +157,9 @@ class Run:
 
         self._actions = ActionState(enabled=actions, on_checkpoint=on_checkpoint, stop_mode=stop)
         self._unguard_step: Callable[[], None] | None = None
+        self._skip_guard: SkipGuard | None = None  # made when a skip_step action arms it
+        self._guarding = False  # the step being taken was saved by the skip guard
+        self._said_unjudged = False
         hello = protocol.Hello(
             v=protocol.PROTOCOL_VERSION,
             run=self.name,
@@ -294,20 +299,16 @@ class Run:
         """The collector's `stop` action was applied (with ``stop="flag"``, the loop's cue)."""
         return bool(self._actions.stopped_reason)
 
-    def _step_boundary(self) -> bool:
+    def _step_boundary(self) -> None:
         """Before each optimizer step, with actions on: applies the actions due (acknowledged
-        to the collector), raises `StopTraining` for a stop (``stop="raise"``), and says
-        whether an armed guard skips this step (then recorded as skipped)."""
+        to the collector) and raises `StopTraining` for a stop (``stop="raise"``). An armed
+        skip guard acts in the step's hooks (`_guard_before`, `_guard_after`)."""
         if self._actions.should_stop_now():
             raise StopTraining(self._actions.stopped_reason)
         for ack in self._actions.apply_due(self.step + 1):
             self._transport.submit(ack)
         if self._actions.should_stop_now():
             raise StopTraining(self._actions.stopped_reason)
-        if self._actions.should_skip(self._layers.params):
-            self._record_skipped_step()
-            return True
-        return False
 
     # ---- hooks ------------------------------------------------------------------------
 
@@ -348,7 +349,7 @@ class Run:
 
     def on_clip(self, params: list[torch.Tensor], total_norm: torch.Tensor) -> None:
         if params and id(params[0]) in self._param_ids:
-            self._recorder.preclip = total_norm.detach()
+            self._recorder.preclip = replicated_value(total_norm.detach())
 
     @_hook
     def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -361,6 +362,10 @@ class Run:
 
     @_hook
     def _before_step(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._pending is not None:
+            # A step inside the step: torch hooks a subclass's step and its base's, so one that
+            # calls super().step() fires the hooks twice. The outer call measured the step.
+            return
         self._recorder.flush()  # in case no training forward announced this step
         self._actions.scale_lr(optimizer)
         detail = self._detail_next()
@@ -381,6 +386,7 @@ class Run:
             if isinstance(found_inf, torch.Tensor):
                 self._measure.set_extra(vec, "found_inf", found_inf)
                 meta.has_found_inf = True
+        self._guard_before(optimizer)
         self._pending = (vec, meta)
 
     @_hook
@@ -392,11 +398,43 @@ class Run:
         self._pending = None
         if meta.grads_after_step:
             self._measure_grads(vec, meta)
+        self._guard_after(optimizer, vec)
         if meta.detail:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
         self._recorder.seal(vec, meta)
         self._clearing.after_update(self._sentinels())
+
+    def _guard_before(self, optimizer: torch.optim.Optimizer) -> None:
+        """An armed skip guard saves what the step may change. Every rank must judge the same
+        norm: a sharded run's is the global one clip_grad_norm_ computed (before the step),
+        without which its steps are not judged."""
+        self._guarding = self._actions.skip_armed
+        if self._guarding and self.sharded and self._recorder.preclip is None:
+            self._guarding = False
+            if not self._said_unjudged:
+                self._said_unjudged = True
+                log.warning("gradwatch: the skip guard of a sharded run judges the global gradient norm, which it "
+                            "reads from clip_grad_norm_; this step did not clip, so it is not judged. Call "
+                            "clip_grad_norm_ before optimizer.step (max_norm=float('inf') measures without clipping)")
+        if not self._guarding:
+            return
+        if self._skip_guard is None:
+            self._skip_guard = SkipGuard(self._measure.home, self._measure.dtype)
+        self._skip_guard.save(optimizer)
+
+    def _guard_after(self, optimizer: torch.optim.Optimizer, vec: torch.Tensor) -> None:
+        """An armed skip guard judges the step's gradient norm (the pre-clip one when the run
+        clips) and undoes a flagged step, on the device; the flag goes into the record."""
+        if not self._guarding or self._skip_guard is None:
+            return
+        self._guarding = False
+        preclip = self._recorder.preclip
+        norm_sq = preclip.square() if preclip is not None else vec[self._measure.layout.grad()].sum()
+        flag = self._skip_guard.judge(norm_sq, on_nonfinite=self._actions.skips_nonfinite,
+                                      on_spike=self._actions.skips_spikes)
+        self._skip_guard.undo(optimizer, flag)
+        self._measure.set_extra(vec, "skipped", flag)
 
     def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
         """`loss.backward()` is about to run: note where the gradients of a few of this
