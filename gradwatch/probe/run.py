@@ -157,9 +157,7 @@ class Run:
 
         self._actions = ActionState(enabled=actions, on_checkpoint=on_checkpoint, stop_mode=stop)
         self._unguard_step: Callable[[], None] | None = None
-        self._skip_guard: SkipGuard | None = None  # made when a skip_step action arms it
-        self._guarding = False  # the step being taken was saved by the skip guard
-        self._said_unjudged = False
+        self._skip_guard = SkipGuard(home, self._measure.dtype, sharded=self.sharded) if actions else None
         hello = protocol.Hello(
             v=protocol.PROTOCOL_VERSION,
             run=self.name,
@@ -386,7 +384,8 @@ class Run:
             if isinstance(found_inf, torch.Tensor):
                 self._measure.set_extra(vec, "found_inf", found_inf)
                 meta.has_found_inf = True
-        self._guard_before(optimizer)
+        if self._skip_guard is not None:
+            self._skip_guard.before_step(optimizer, armed=self._actions.skip_armed, preclip=self._recorder.preclip)
         self._pending = (vec, meta)
 
     @_hook
@@ -398,43 +397,18 @@ class Run:
         self._pending = None
         if meta.grads_after_step:
             self._measure_grads(vec, meta)
-        self._guard_after(optimizer, vec)
+        if self._skip_guard is not None:
+            flag = self._skip_guard.after_step(
+                optimizer, vec[self._measure.layout.grad()], self._recorder.preclip,
+                on_nonfinite=self._actions.skips_nonfinite, on_spike=self._actions.skips_spikes,
+            )
+            if flag is not None:
+                self._measure.set_extra(vec, "skipped", flag)
         if meta.detail:
             self._measure.weights_and_updates(vec, meta.with_updates)
         self._stepped_since_update = True
         self._recorder.seal(vec, meta)
         self._clearing.after_update(self._sentinels())
-
-    def _guard_before(self, optimizer: torch.optim.Optimizer) -> None:
-        """An armed skip guard saves what the step may change. Every rank must judge the same
-        norm: a sharded run's is the global one clip_grad_norm_ computed (before the step),
-        without which its steps are not judged."""
-        self._guarding = self._actions.skip_armed
-        if self._guarding and self.sharded and self._recorder.preclip is None:
-            self._guarding = False
-            if not self._said_unjudged:
-                self._said_unjudged = True
-                log.warning("gradwatch: the skip guard of a sharded run judges the global gradient norm, which it "
-                            "reads from clip_grad_norm_; this step did not clip, so it is not judged. Call "
-                            "clip_grad_norm_ before optimizer.step (max_norm=float('inf') measures without clipping)")
-        if not self._guarding:
-            return
-        if self._skip_guard is None:
-            self._skip_guard = SkipGuard(self._measure.home, self._measure.dtype)
-        self._skip_guard.save(optimizer)
-
-    def _guard_after(self, optimizer: torch.optim.Optimizer, vec: torch.Tensor) -> None:
-        """An armed skip guard judges the step's gradient norm (the pre-clip one when the run
-        clips) and undoes a flagged step, on the device; the flag goes into the record."""
-        if not self._guarding or self._skip_guard is None:
-            return
-        self._guarding = False
-        preclip = self._recorder.preclip
-        norm_sq = preclip.square() if preclip is not None else vec[self._measure.layout.grad()].sum()
-        flag = self._skip_guard.judge(norm_sq, on_nonfinite=self._actions.skips_nonfinite,
-                                      on_spike=self._actions.skips_spikes)
-        self._skip_guard.undo(optimizer, flag)
-        self._measure.set_extra(vec, "skipped", flag)
 
     def before_backward(self, loss: torch.Tensor) -> tuple[tuple[int, int], ...] | None:
         """`loss.backward()` is about to run: note where the gradients of a few of this

@@ -26,6 +26,7 @@ it), and the collector arms all ranks at the same step.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from typing import Any
 import torch
 
 from gradwatch.probe.environment import local
+
+log = logging.getLogger("gradwatch.probe")
 
 SPIKE_FACTOR = 10.0  # a gradient norm this many times the recent median is a spike
 SPIKE_WINDOW = 64  # recent norms kept for the median
@@ -71,8 +74,11 @@ class _Undo:
 class SkipGuard:
     """Judges each step's gradient norm on the device and undoes the steps it flags."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, device: torch.device, dtype: torch.dtype, *, sharded: bool = False) -> None:
         self.device = device
+        self.sharded = sharded
+        self._guarding = False  # the step being taken was saved
+        self._said_unjudged = False
         self._recent = torch.full((SPIKE_WINDOW,), math.nan, dtype=dtype, device=device)
         self._slot = 0
         self._saved: _Saved | None = None
@@ -84,6 +90,34 @@ class SkipGuard:
         self._host_flags: torch.Tensor | None = None
         self._events: list[torch.cuda.Event] = []
         self._next_flag = 0
+
+    # ---- the run's side ------------------------------------------------------------------
+
+    def before_step(self, optimizer: torch.optim.Optimizer, *, armed: bool, preclip: torch.Tensor | None) -> None:
+        """Saves what the step may change when armed. Every rank must judge the same norm: a
+        sharded run's is the global one clip_grad_norm_ computed (before the step), without
+        which its steps are not judged."""
+        self._guarding = armed and (preclip is not None or not self.sharded)
+        if armed and not self._guarding and not self._said_unjudged:
+            self._said_unjudged = True
+            log.warning("gradwatch: the skip guard of a sharded run judges the global gradient norm, which it "
+                        "reads from clip_grad_norm_; this step did not clip, so it is not judged. Call "
+                        "clip_grad_norm_ before optimizer.step (max_norm=float('inf') measures without clipping)")
+        if self._guarding:
+            self.save(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer, grad_sq: torch.Tensor, preclip: torch.Tensor | None,
+                   *, on_nonfinite: bool, on_spike: bool) -> torch.Tensor | None:
+        """Judges a saved step (its pre-clip norm when the run clips, else the norm of the
+        per-layer squares `grad_sq`), undoes it when flagged; returns the flag, or None for a
+        step not guarded."""
+        if not self._guarding:
+            return None
+        self._guarding = False
+        norm_sq = preclip.square() if preclip is not None else grad_sq.sum()
+        flag = self.judge(norm_sq, on_nonfinite=on_nonfinite, on_spike=on_spike)
+        self.undo(optimizer, flag)
+        return flag
 
     # ---- before the step ----------------------------------------------------------------
 
