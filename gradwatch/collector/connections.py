@@ -25,7 +25,8 @@ from websockets.http11 import Request, Response
 
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.metrics import IngestStats
-from gradwatch.collector.registry import Event, Registry, RunState
+from gradwatch.collector.registry import Event, Registry
+from gradwatch.collector.run_state import RunState
 from gradwatch.protocol import (
     CLOSE_INVALID_MESSAGE,
     CLOSE_POLICY,

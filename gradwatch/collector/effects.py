@@ -31,9 +31,9 @@ from gradwatch.collector.registry import (
     Registry,
     RunEvicted,
     RunStarted,
-    RunState,
     StatusChanged,
 )
+from gradwatch.collector.run_state import RunState
 from gradwatch.collector.series import Marker, RunSeries
 from gradwatch.collector.series_store import SeriesStore
 from gradwatch.protocol import encode

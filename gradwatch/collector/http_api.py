@@ -25,7 +25,8 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from gradwatch.collector.effects import run_record
 from gradwatch.collector.history import History, RunRecord
 from gradwatch.collector.metrics import IngestStats, MetricsCollector, exposition_chunks
-from gradwatch.collector.registry import RUN_STATUSES, Registry, RunState
+from gradwatch.collector.registry import RUN_STATUSES, Registry
+from gradwatch.collector.run_state import RunState
 from gradwatch.collector.webview import SeriesSource, WebView
 from gradwatch.protocol import RUN_NAME_PATTERN
 

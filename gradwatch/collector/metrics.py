@@ -25,7 +25,8 @@ from prometheus_client.utils import floatToGoString
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.detectors.base import Observation
 from gradwatch.collector.detectors.stats import all_finite
-from gradwatch.collector.registry import Registry, RunState
+from gradwatch.collector.registry import Registry
+from gradwatch.collector.run_state import RunState
 from gradwatch.protocol import ALERT_KINDS
 
 SEVERITIES = ("info", "warning", "critical")
