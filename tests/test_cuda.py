@@ -96,6 +96,8 @@ def _train(device: str, kind: str, spool: Path, *, scaler: bool, accumulation: i
         from gradwatch import protocol
 
         run._actions.receive(protocol.Action(id="arm", kind="skip_step", step=1, params={"on": "nonfinite"}))
+        # a tensor LR stays a tensor on its device under the factor: no read
+        run._actions.receive(protocol.Action(id="lr", kind="reduce_lr", step=3, params={"factor": 0.5}))
     reference: list[torch.Tensor] = []
     data = [(torch.randn(8, 16, device=device), torch.randn(8, 1, device=device)) for _ in range(12 * accumulation)]
     for step in range(12):  # the probe's hooks run in sync-debug "error" mode (probe_hooks_may_not_sync)
@@ -109,8 +111,8 @@ def _train(device: str, kind: str, spool: Path, *, scaler: bool, accumulation: i
         if grad_scaler:
             grad_scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        reference.append(torch.stack([p.grad.double().square().sum() for p in model.parameters()
-                                      if p.grad is not None]).sum())
+        reference.append(torch.stack([p.grad.detach().cpu().double().square().sum() for p in model.parameters()
+                                      if p.grad is not None]).sum())  # float64, on the CPU
         if grad_scaler:
             grad_scaler.step(opt)
             grad_scaler.update()
