@@ -256,6 +256,11 @@ class Run:
         if self._unguard_step is not None:
             self._unguard_step()
             self._unguard_step = None
+        if self._skip_guard is not None and not self._broken:
+            try:
+                self._skip_guard.finish()  # a skipped step's host-side state, still on its way
+            except Exception:  # the probe's own failure must never fail the caller
+                log.exception("gradwatch: settling the skip guard's last steps failed")
         if self.scaler is not None and "update" in vars(self.scaler):
             del self.scaler.update
         clip.unsubscribe(self)

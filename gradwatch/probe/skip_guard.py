@@ -82,7 +82,7 @@ class SkipGuard:
         self._recent = torch.full((SPIKE_WINDOW,), math.nan, dtype=dtype, device=device)
         self._slot = 0
         self._saved: _Saved | None = None
-        self._kept_ids: list[int] = []
+        self._kept_ids: list[tuple[int, torch.Size, torch.dtype, torch.device]] = []
         self._copies: list[torch.Tensor] = []
         self._live: list[torch.Tensor] = []
         self._waiting: list[_Undo] = []
@@ -136,7 +136,7 @@ class SkipGuard:
                     saved.host.append(_HostState(state, key, _copy(value)))
                 elif isinstance(value, torch.Tensor):
                     kept.append(value)
-        ids = [id(t) for t in kept]
+        ids = [(id(t), t.shape, t.dtype, t.device) for t in kept]
         if ids != self._kept_ids:  # the first step, or the optimizer created state: new buffers
             self._kept_ids = ids
             self._copies = [torch.empty_like(local(t)) for t in kept]
@@ -198,6 +198,13 @@ class SkipGuard:
             if bool(undo.flag):
                 for entry in undo.host:
                     entry.holder[entry.key] = _minus_change(entry.holder.get(entry.key), entry.before, entry.after)
+
+    def finish(self) -> None:
+        """At detach: waits for the flags still on their way and settles their steps."""
+        for undo in self._waiting:
+            if undo.event is not None:
+                undo.event.synchronize()
+        self.settle()
 
     def _on_host(self, value: Any) -> bool:
         """State the device flag cannot mask: Python numbers, and CPU tensors of a run on an
