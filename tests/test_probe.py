@@ -165,6 +165,31 @@ def test_grad_scaler_counts_skipped_steps_and_reports_unscaled_norms(spool: Path
     assert scales[3] == scales[2] / 2  # the scaler backed off after the overflow
 
 
+@pytest.mark.parametrize("first", [0, 1], ids=["inner-first", "outer-first"])
+def test_two_runs_on_one_grad_scaler_detach_in_any_order(tmp_path: Path, first: int) -> None:
+    """Two models, two optimizers, one GradScaler (a GAN): detaching the first run leaves
+    the second one's skipped-step detection in place, and the last detach restores the
+    scaler's own update."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    models = [TinyNet(), TinyNet()]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in models]
+    runs = [gradwatch.attach(m, o, url=f"file:{tmp_path / f'{i}.jsonl'}", name=f"gan-{i}", scaler=scaler, every=1)
+            for i, (m, o) in enumerate(zip(models, opts))]
+    for i, (x, y) in enumerate(batches(4)):
+        if i == 2:
+            runs[first].detach()
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y) * (float("inf") if i == 3 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+        scaler.update()
+    runs[1 - first].detach()
+    assert "update" not in vars(scaler)
+    _, records, _ = read_spool(tmp_path / f"{1 - first}.jsonl")
+    assert [r.skipped for r in records] == [False, False, False, True]
+
+
 def test_fused_optimizer_under_grad_scaler_reports_unscaled_norms(spool: Path) -> None:
     model = TinyNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)

@@ -80,6 +80,17 @@ def _hook(method: F) -> F:
     return torch.compiler.disable(guarded)  # type: ignore[return-value]
 
 
+def _live_update(update: Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """The first of a chain of `scaler.update` wrappers that is not a detached run's (None:
+    the scaler's own method)."""
+    while update is not None:
+        owner, wrapped = getattr(update, "gradwatch_wrap", (None, None))
+        if owner is None or not owner._detached:
+            return update
+        update = wrapped
+    return None
+
+
 class Run:
     """The handle `gradwatch.attach` returns: `log()`, `detach()`, usable as a context manager.
 
@@ -184,6 +195,7 @@ class Run:
                                   self.scaler)
         self._handles: list[Any] = []
         self._grad_hook: Any = None  # the gradient hook of a run without an optimizer
+        self._scaler_wrap: Callable[..., Any] | None = None  # our scaler.update wrapper
         self._install_hooks(loss_fn)
         clip.subscribe(self)
         backward.subscribe(self)
@@ -261,8 +273,13 @@ class Run:
                 self._skip_guard.finish()  # a skipped step's host-side state, still on its way
             except Exception:  # the probe's own failure must never fail the caller
                 log.exception("gradwatch: settling the skip guard's last steps failed")
-        if self.scaler is not None and "update" in vars(self.scaler):
-            del self.scaler.update
+        if self._scaler_wrap is not None and vars(self.scaler).get("update") is self._scaler_wrap:
+            # The outermost wrapper: put back what it wrapped, less detached runs' wrappers.
+            restore = _live_update(self._scaler_wrap)
+            if restore is None:
+                del self.scaler.update
+            else:
+                self.scaler.update = restore
         clip.unsubscribe(self)
         backward.unsubscribe(self)
         atexit.unregister(self.detach)
@@ -326,13 +343,17 @@ class Run:
         else:
             self._hook_grads()
         if self.scaler is not None:
+            wrapped = vars(self.scaler).get("update")  # another run's wrapper, or None: the class's
             original_update = self.scaler.update
 
             def update(*args: Any, **kwargs: Any) -> Any:
-                self._before_scaler_update()
+                if not self._detached:  # stays in the chain when another run wrapped it after this one
+                    self._before_scaler_update()
                 return original_update(*args, **kwargs)
 
+            update.gradwatch_wrap = (self, wrapped)  # type: ignore[attr-defined]
             self.scaler.update = update
+            self._scaler_wrap = update
 
     def _hook_grads(self) -> None:
         """Without an optimizer: one hook over the measured tensors (a frozen tensor cannot
