@@ -165,17 +165,22 @@ def _amp(device: torch.device) -> tuple[torch.dtype, torch.amp.GradScaler]:
     return dtype, torch.amp.GradScaler(device.type)
 
 
-def _token_batches(cfg: GPTConfig, batch: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _token_batches(
+    cfg: GPTConfig, batch: int, seq_len: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     def one() -> tuple[torch.Tensor, torch.Tensor]:
-        seq = torch.randint(cfg.vocab_size, (batch, cfg.block_size + 1), device=device)
+        seq = torch.randint(cfg.vocab_size, (batch, seq_len + 1), device=device)
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
     return [one() for _ in range(BATCHES_KEPT)]
 
 
 def gpt_workload(
-    name: str, cfg: GPTConfig, batch: int, device: torch.device, *, accumulation: int = 1, amp: bool = False
+    name: str, cfg: GPTConfig, batch: int, device: torch.device, *, accumulation: int = 1, amp: bool = False,
+    seq_len: int | None = None,
 ) -> Workload:
+    """`seq_len` tokens per sequence (default: the model's block size)."""
+    seq_len = seq_len or cfg.block_size
     model = GPT(cfg).to(device)
     # nanoGPT's optimizer: AdamW, decay on matrices only, fused where the device has it.
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -186,7 +191,7 @@ def gpt_workload(
     )
     amp_dtype, scaler = _amp(device) if amp else (None, None)
     return Workload(
-        name, model, optimizer, _token_batches(cfg, batch, device), batch * cfg.block_size, "tokens",
+        name, model, optimizer, _token_batches(cfg, batch, seq_len, device), batch * seq_len, "tokens",
         accumulation=accumulation, amp_dtype=amp_dtype, scaler=scaler,
     )
 
@@ -227,13 +232,17 @@ def default_workloads(device: torch.device, quick: bool) -> dict[str, WorkloadFa
     }
 
 
-def gpt2_small_workloads(device: torch.device, batch: int) -> dict[str, WorkloadFactory]:
-    """GPT-2 small (124M) in fp32 and AMP fp16, accumulation 1 and 8."""
+def gpt2_small_workloads(device: torch.device, batch: int, quick: bool = False) -> dict[str, WorkloadFactory]:
+    """GPT-2 small (124M) in fp32 and AMP (fp16 on CUDA), accumulation 1 and 8, `batch`
+    sequences of 1024 tokens per micro-batch. `quick`: the same model on 1 sequence of 32
+    tokens, fp32 without accumulation and AMP with 2 micro-batches (a smoke run: the path
+    works, not a measurement)."""
+    settings = [(False, 1), (True, 2)] if quick else [(False, 1), (False, 8), (True, 1), (True, 8)]
     factories = {}
-    for amp in (False, True):
-        for accumulation in (1, 8):
-            name = f"gpt2-small-{'amp' if amp else 'fp32'}-accum{accumulation}"
-            factories[name] = functools.partial(
-                gpt_workload, name, GPT2_SMALL, batch, device, accumulation=accumulation, amp=amp
-            )
+    for amp, accumulation in settings:
+        name = f"gpt2-small-{'amp' if amp else 'fp32'}-accum{accumulation}"
+        factories[name] = functools.partial(
+            gpt_workload, name, GPT2_SMALL, 1 if quick else batch, device, accumulation=accumulation, amp=amp,
+            seq_len=32 if quick else None,
+        )
     return factories

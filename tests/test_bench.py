@@ -4,6 +4,7 @@ Also the one probe feature the overhead bench relies on: pausing a run with `ena
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,23 @@ import gradwatch
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run_bench(script: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True, timeout=240, check=False
-    )
+def run_bench(script: str, *args: str, prelude: str = "") -> str:
+    """The benchmark's --quick run; `prelude` is Python run first in the same process."""
+    command = [sys.executable, str(BENCH / script), "--quick", *args]
+    if prelude:
+        code = (f"{prelude}\nimport runpy, sys\nsys.argv = {command[1:]!r}\n"
+                f"sys.path.insert(0, {str(BENCH)!r})\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+        command = [sys.executable, "-c", code]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 @pytest.mark.slow
@@ -31,9 +43,26 @@ def test_overhead_quick_prints_its_tables() -> None:
     for workload in ("gpt", "mlp", "cnn-bn", "gpt-accum4-amp"):
         assert f"== {workload}:" in out
     assert "== summary" in out
-    for condition in ("gradwatch every=10 (default)", "naive .norm().item()", "wandb-like every=1"):
+    for condition in ("gradwatch every=10 (default)", "gradwatch every=1 no Δw", "naive .norm().item()",
+                      "bandwidth floor"):
         assert condition in out
+    # the real anchors run where bench/requirements.txt is installed, and are said to be skipped where not
+    for module, condition in (("wandb", "wandb.watch log=all log_freq=1"),
+                              ("tensorboard", "tensorboard add_histogram")):
+        assert (condition in out) == installed(module), out[-3000:]
     assert "!!" not in out  # the probe neither switched itself off nor dropped records
+    assert "already attached" not in out  # three distinct runs, not one returned three times
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_overhead_says_in_one_line_which_anchors_are_missing() -> None:
+    hide = "import sys\nsys.modules['wandb'] = None\nsys.modules['torch.utils.tensorboard'] = None"
+    out = run_bench("overhead.py", "--only", "gpt", prelude=hide)
+    assert "== gpt:" in out and "gradwatch every=10 (default)" in out
+    assert "wandb.watch" not in out and "tensorboard add_histogram" not in out
+    note = [line for line in out.splitlines() if "not installed: wandb, tensorboard" in line]
+    assert note and "pip install -r bench/requirements.txt" in note[0], out[-3000:]
 
 
 @pytest.mark.slow
