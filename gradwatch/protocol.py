@@ -15,13 +15,22 @@ not errors), which both Python's ``json`` and pydantic's parser accept.
 
 Errors are answered by closing the websocket with one of the close codes below and a
 reason text that says what was wrong.
+
+The probe builds no model per step: its records are JSON text from the start
+(`EncodedRecord`, written with orjson by `probe/record.py`), batched into ``steps`` frames
+by joining that text (`encode_steps`). The wire is the same either way, and the collector
+validates every frame with the models below.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Annotated, Literal, Self
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Self
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -314,3 +323,58 @@ def check_version(hello: Hello) -> None:
 def encode(message: _Message) -> str:
     return message.model_dump_json(exclude_defaults=False)
 
+
+# ---- the probe's side of `steps`: records as JSON text --------------------------------------
+
+DETAIL_FIELDS = ("layer_grad_sq", "layer_weight_sq", "layer_update_sq", "layer_frozen")
+
+_nonfinite_json = json.JSONEncoder(separators=(",", ":"), allow_nan=True, check_circular=False).encode
+
+
+def dumps(obj: Any, finite: bool = True) -> str:
+    """Compact JSON text of plain data (dicts, lists, str, int, float, bool, None). orjson
+    writes a non-finite float as null, so an object holding one (`finite=False`) goes
+    through the standard library instead, which writes the ``NaN`` / ``Infinity``
+    constants the protocol carries: slower (a float costs ~0.5 us there), and rare."""
+    return orjson.dumps(obj).decode() if finite else _nonfinite_json(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRecord:
+    """A `StepRecord` as the probe holds it: its JSON text, written once and sent as is
+    however often it is sent again. `cut` is where its per-layer detail begins (0: it has
+    none), so the detail can be let go without decoding anything."""
+
+    step: int
+    text: str
+    cut: int = 0
+
+    @property
+    def detail(self) -> bool:
+        return self.cut > 0
+
+    def without_detail(self) -> EncodedRecord:
+        return EncodedRecord(self.step, self.text[: self.cut] + "}") if self.cut else self
+
+    @classmethod
+    def build(cls, fields: dict[str, Any], detail: dict[str, Any] | None, finite: bool) -> EncodedRecord:
+        """`fields` (holding ``step``) and, apart, the per-layer `detail` (`DETAIL_FIELDS`),
+        each as `StepRecord` takes them; `finite`: no float among them is NaN or infinite."""
+        head = dumps(fields, finite)
+        if not detail:
+            return cls(fields["step"], head)
+        return cls(fields["step"], head[:-1] + "," + dumps(detail, finite)[1:], len(head) - 1)
+
+    @classmethod
+    def of(cls, record: StepRecord) -> EncodedRecord:
+        """A validated record (a spool line being replayed), encoded for the outbox."""
+        head = record.model_dump_json(exclude=set(DETAIL_FIELDS))
+        detail = record.model_dump_json(include=set(DETAIL_FIELDS), exclude_none=True)
+        if detail == "{}":
+            return cls(record.step, head)
+        return cls(record.step, head[:-1] + "," + detail[1:], len(head) - 1)
+
+
+def encode_steps(records: Iterable[EncodedRecord], dropped: int = 0) -> str:
+    """The ``steps`` frame of `records`: what `Steps(records=..., dropped=...)` reads back."""
+    return '{"type":"steps","records":[' + ",".join(r.text for r in records) + f'],"dropped":{dropped:d}}}'

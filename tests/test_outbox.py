@@ -28,24 +28,32 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradwatch.probe.outbox import FIRST_RETRY, MAX_RETRY, MAX_SLOW_RETRY, Frame, Outbox
+from gradwatch.probe.outbox import (
+    FIRST_RETRY,
+    MAX_RETRY,
+    MAX_SLOW_RETRY,
+    Batch,
+    Frame,
+    Outbox,
+)
 from gradwatch.probe.transport import Transport
-from gradwatch.protocol import PROTOCOL_VERSION, Ack, Hello, StepRecord, Steps, encode
+from gradwatch.protocol import PROTOCOL_VERSION, Ack, EncodedRecord, Hello, StepRecord
 
 
-def record(step: int, detail: bool = False) -> StepRecord:
+def record(step: int, detail: bool = False) -> EncodedRecord:
     layers = [1.0, 2.0] if detail else None
-    return StepRecord(step=step, time=float(step), loss=1.0, layer_grad_sq=layers, layer_weight_sq=layers,
-                      layer_update_sq=layers, layer_frozen=[] if detail else None)
+    return EncodedRecord.of(StepRecord(step=step, time=float(step), loss=1.0, layer_grad_sq=layers,
+                                       layer_weight_sq=layers, layer_update_sq=layers,
+                                       layer_frozen=[] if detail else None))
 
 
 def describe(frame: Frame) -> str:
-    if not isinstance(frame, Steps):
+    if not isinstance(frame, Batch):
         assert isinstance(frame, Ack)
         return f"ack {frame.id}"
     runs: list[list[Any]] = []  # [first, last, detail]
     for r in frame.records:
-        detail = r.layer_grad_sq is not None
+        detail = r.detail
         if runs and runs[-1][1] == r.step - 1 and runs[-1][2] == detail:
             runs[-1][1] = r.step
         else:
@@ -104,7 +112,7 @@ class Harness:
             assert self.outbox.next_frame() == frame  # offered, not taken, until sent
             self.outbox.sent(frame, confirmed=confirmed)
             self.sent.append(describe(frame))
-            if isinstance(frame, Steps):
+            if isinstance(frame, Batch):
                 steps = [r.step for r in frame.records]
                 assert not set(steps) & self.confirmed_steps, f"confirmed steps sent again: {frame}"
                 assert steps == sorted(steps) and (not self.in_flight_steps or not steps
@@ -119,7 +127,7 @@ class Harness:
         assert self.added + self.lost_before == box.delivered + box.dropped + box.waiting + box.in_flight
         assert box.waiting + len(box._unconfirmed) <= box.max_records
         assert box.in_flight <= box.max_records
-        assert box._waiting.detailed == sum(r.layer_grad_sq is not None for r in box._waiting)
+        assert box._waiting.detailed == sum(r.detail for r in box._waiting)
         assert box._waiting.detailed <= box.max_detail_records
         waiting = [r.step for r in box._waiting]
         assert waiting == sorted(waiting)
@@ -222,7 +230,7 @@ def test_outbox(case: Case) -> None:
 
 
 def test_batches_end_at_the_record_that_reaches_batch_bytes() -> None:
-    size = len(encode(record(1)))
+    size = len(record(1).text)
     harness = run([("record", 1, 5), ("send",)], batch_records=10, batch_bytes=size + 1)
     assert harness.sent == ["1-2", "3-4", "5"]
 

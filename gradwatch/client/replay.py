@@ -26,11 +26,12 @@ from typing import TextIO
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 from websockets.sync.client import ClientConnection, connect
 
-from gradwatch.probe.outbox import Frame, Outbox
+from gradwatch.probe.outbox import Batch, Frame, Outbox, encode_frame
 from gradwatch.protocol import (
     MAX_RECORDS_PER_BATCH,
     Ack,
     Bye,
+    EncodedRecord,
     Heartbeat,
     Hello,
     Landscape,
@@ -121,7 +122,7 @@ def replay(lines: list[str], url: str, token: str | None, rate: float, progress:
                 while (frame := outbox.next_frame()) is not None:
                     number = _line(frame, line_of, number)
                     pacer.wait()
-                    ws.send(encode(frame))
+                    ws.send(encode_frame(frame))
                     outbox.sent(frame)
                     summary.sent += 1
                     _take_confirmations(ws, outbox, wait=0.0)
@@ -156,8 +157,9 @@ def _fill(segment: list[tuple[int, FollowUp]]) -> tuple[Outbox, dict[int, int]]:
     for number, message in segment:
         if isinstance(message, Steps):
             for record in message.records:
-                outbox.add(record)
-                line_of[id(record)] = number
+                encoded = EncodedRecord.of(record)
+                outbox.add(encoded)
+                line_of[id(encoded)] = number
             outbox.count_drop(message.dropped)  # the probe's drops, forwarded with the next batch
         else:
             outbox.add_message(message)
@@ -167,7 +169,7 @@ def _fill(segment: list[tuple[int, FollowUp]]) -> tuple[Outbox, dict[int, int]]:
 
 def _line(frame: Frame, line_of: dict[int, int], default: int) -> int:
     """The spool line a frame ends with (a batch of drops only: the line before)."""
-    last = frame.records[-1] if isinstance(frame, Steps) and frame.records else frame
+    last = frame.records[-1] if isinstance(frame, Batch) and frame.records else frame
     return line_of.get(id(last), default)
 
 

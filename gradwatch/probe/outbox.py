@@ -18,7 +18,7 @@ Events in (each returns at once; `now` is any monotonic clock, in seconds):
     close()                the end: whatever is still held counts as dropped, and nothing
                            more is offered
 
-Out: `next_frame()` (a `Steps` batch, a message, or None), `may_connect(now)` (exponential
+Out: `next_frame()` (a `Batch` of records, a message, or None), `may_connect(now)` (exponential
 backoff), and the counters `dropped`, `detail_dropped`, `delivered` and `unreported`.
 
 A record is *waiting* (not sent yet), then *in flight* (sent, not confirmed: kept whole, or
@@ -40,8 +40,12 @@ only its step once evicted to make room), then *delivered* or *dropped*. After e
    after it. Messages are not confirmed: once sent, they are gone. They are few (an ack
    per action the collector sent, an LR range test's verdict, a landscape grid per
    `run.landscape` call) and not bounded here.
-6. `unreported` drops ride on the next batch offered (`Steps.dropped`, an empty batch if no
+6. `unreported` drops ride on the next batch offered (`Batch.dropped`, an empty batch if no
    record is ready), so the collector's count of the drops is the outbox's.
+
+Records are `EncodedRecord`s, JSON text written once: a batch is their text joined
+(`Batch.encode`), however often it is sent again, and shedding a record's detail cuts its
+text short.
 """
 
 from __future__ import annotations
@@ -49,73 +53,90 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 
 from gradwatch.protocol import (
     MAX_RECORDS_PER_BATCH,
     Ack,
     Bye,
+    EncodedRecord,
     Heartbeat,
     Landscape,
     LRFind,
-    StepRecord,
-    Steps,
     encode,
+    encode_steps,
 )
 
 Message = Ack | Heartbeat | Bye | LRFind | Landscape
-Frame = Steps | Message
 
 FIRST_RETRY = 0.5  # seconds before the first reconnect; doubled after each failure
 MAX_RETRY = 30.0
 MAX_SLOW_RETRY = 300.0  # after a refusal that retrying soon will not fix (e.g. a version refused)
 
-_NO_DETAIL = {"layer_grad_sq": None, "layer_weight_sq": None, "layer_update_sq": None, "layer_frozen": None}
+
+@dataclass(frozen=True)
+class Batch:
+    """A `steps` frame the outbox offers: records it holds and the drops to report
+    (`Steps.dropped`)."""
+
+    records: tuple[EncodedRecord, ...]
+    dropped: int = 0
+
+    def encode(self) -> str:
+        return encode_steps(self.records, self.dropped)
 
 
-def _has_detail(record: StepRecord) -> bool:
-    return record.layer_grad_sq is not None
+Frame = Batch | Message
+
+
+def encode_frame(frame: Frame) -> str:
+    return frame.encode() if isinstance(frame, Batch) else encode(frame)
+
+
+def _has_detail(record: EncodedRecord) -> bool:
+    return record.detail
 
 
 class _Waiting:
     """Records not sent yet, oldest first; the only place that counts those with detail."""
 
     def __init__(self) -> None:
-        self._records: deque[StepRecord] = deque()
+        self._records: deque[EncodedRecord] = deque()
         self.detailed = 0
         self._plain = 0  # how many records at the front are known to carry no detail
 
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self) -> Iterator[StepRecord]:
+    def __iter__(self) -> Iterator[EncodedRecord]:
         return iter(self._records)
 
-    def first(self) -> StepRecord | None:
+    def first(self) -> EncodedRecord | None:
         return self._records[0] if self._records else None
 
-    def append(self, record: StepRecord) -> None:
+    def append(self, record: EncodedRecord) -> None:
         self._records.append(record)
         self.detailed += _has_detail(record)
 
-    def put_back(self, records: deque[StepRecord]) -> None:
+    def put_back(self, records: deque[EncodedRecord]) -> None:
         """Older records, in order, in front of the others."""
         self._records.extendleft(reversed(records))
         self.detailed += sum(map(_has_detail, records))
         self._plain = 0
 
-    def popleft(self) -> StepRecord:
+    def popleft(self) -> EncodedRecord:
         record = self._records.popleft()
         self.detailed -= _has_detail(record)
         self._plain = max(0, self._plain - 1)
         return record
 
     def strip_oldest_detail(self) -> None:
-        # Frozen messages: the stripped copy takes the record's place. The scan starts past
+        # Frozen records: the stripped copy takes the record's place. The scan starts past
         # the records already known plain, so a long outage does not rescan the whole buffer.
         for i, record in enumerate(islice(self._records, self._plain, None), start=self._plain):
             if _has_detail(record):
-                self._records[i] = record.model_copy(update=_NO_DETAIL)
+                self._records[i] = record.without_detail()
                 self.detailed -= 1
                 self._plain = i + 1
                 return
@@ -147,7 +168,7 @@ class Outbox:
         self.batch_bytes = batch_bytes
 
         self._waiting = _Waiting()
-        self._unconfirmed: deque[StepRecord] = deque()  # in flight, kept whole
+        self._unconfirmed: deque[EncodedRecord] = deque()  # in flight, kept whole
         self._evicted: deque[int] = deque()  # steps of in-flight records let go to make room
         self._messages: deque[tuple[int, Message]] = deque()  # (last step added before it, message)
         self._last_step = -1
@@ -179,7 +200,7 @@ class Outbox:
 
     # ---- events in --------------------------------------------------------------------
 
-    def add(self, record: StepRecord) -> None:
+    def add(self, record: EncodedRecord) -> None:
         if self._closed:
             self._drop(1)
             return
@@ -197,7 +218,7 @@ class Outbox:
     def sent(self, frame: Frame, *, confirmed: bool = False) -> None:
         """`frame`, the one `next_frame()` offered, went out. A mismatch (the outbox changed
         in between) is a bug of the caller: ValueError, and nothing is changed."""
-        if not isinstance(frame, Steps):
+        if not isinstance(frame, Batch):
             if not self._messages or self._messages[0][1] is not frame:
                 raise ValueError("sent() a message that is not the next one")
             self._messages.popleft()
@@ -266,18 +287,18 @@ class Outbox:
             return None
         barrier = self._messages[0][0] if self._messages else math.inf
         limit = min(self.batch_records, self.max_records - self.in_flight)
-        records: list[StepRecord] = []
+        records: list[EncodedRecord] = []
         size = 0
         for record in self._waiting:
             if len(records) >= limit or record.step > barrier:
                 break
             records.append(record)
             if self.batch_bytes is not None:
-                size += len(encode(record))
+                size += len(record.text)
                 if size >= self.batch_bytes:
                     break
         if records or self.unreported:
-            return Steps(records=records, dropped=self.unreported)
+            return Batch(tuple(records), self.unreported)
         first = self._waiting.first()
         if self._messages and (first is None or first.step > barrier):
             return self._messages[0][1]

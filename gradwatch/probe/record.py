@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -78,33 +79,73 @@ def to_float(value: Any) -> float | None:
         return None
 
 
-def build_record(meta: StepMeta, values: list[float], layout: Layout) -> protocol.StepRecord:
+def build_record(meta: StepMeta, values: list[float], layout: Layout) -> protocol.EncodedRecord:
+    """The wire record of a step, as JSON text (no model is built here: the collector
+    validates it). Raises ValueError for what the collector would refuse (a logged name that
+    is not a scalar name, more param groups than the protocol takes): that step is dropped."""
     grad_sq = values[layout.grad()]
-    layer_grad_sq = [v if i in meta.present else None for i, v in enumerate(grad_sq)]
-    weight_sq = _unmeasured(values[layout.weight()], meta.frozen) if meta.detail else None
-    update_sq = _unmeasured(values[layout.update()], meta.frozen) if meta.with_updates else None
+    if len(meta.present) == layout.layers:  # every layer has a gradient (the usual case)
+        layer_grad_sq: list[float | None] = cast(list[float | None], grad_sq)
+        grad_norm_sq: float | None = sum(grad_sq)
+        # A finite sum has no NaN or infinity among its terms: count them only otherwise.
+        nonfinite = 0 if math.isfinite(grad_norm_sq) else sum(1 for v in grad_sq if not math.isfinite(v))
+    else:
+        layer_grad_sq = [v if i in meta.present else None for i, v in enumerate(grad_sq)]
+        grad_norm_sq = sum(v for v in layer_grad_sq if v is not None) if meta.present else None
+        nonfinite = sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v))
     found_inf = meta.has_found_inf and values[layout.extra("found_inf")] > 0
     guard_skipped = values[layout.extra("skipped")] > 0  # decided on the device (actions.SkipGuard)
-    return protocol.StepRecord(
-        step=meta.step,
-        time=meta.time,
-        step_time=meta.step_time,
-        loss=values[layout.extra("loss")] if meta.has_loss else None,
-        grad_norm_sq=sum(v for v in layer_grad_sq if v is not None) if meta.present else None,
-        grad_norm_preclip=values[layout.extra("preclip_norm")] if meta.has_preclip else None,
-        nonfinite_layers=sum(1 for v in layer_grad_sq if v is not None and not math.isfinite(v)),
-        skipped=meta.skipped or found_inf or guard_skipped,
-        grads_kept=meta.grads_kept,
-        loss_scale=values[layout.extra("loss_scale")] if meta.has_scale else None,
-        lr=[to_float(v) or 0.0 for v in meta.lr],
-        momentum=[to_float(v) for v in meta.momentum],
-        weight_decay=[to_float(v) for v in meta.weight_decay],
-        scalars={k: v for k, v in ((k, to_float(v)) for k, v in meta.scalars.items()) if v is not None},
-        layer_grad_sq=layer_grad_sq if meta.detail else None,
-        layer_weight_sq=weight_sq,
-        layer_update_sq=update_sq,
-        layer_frozen=list(meta.frozen) if meta.detail else None,
-    )
+    lr = [to_float(v) or 0.0 for v in meta.lr]
+    momentum = [to_float(v) for v in meta.momentum]
+    weight_decay = [to_float(v) for v in meta.weight_decay]
+    scalars = {k: v for k, v in ((k, to_float(v)) for k, v in meta.scalars.items()) if v is not None}
+    _check(lr, scalars)
+    fields = {
+        "step": meta.step,
+        "time": meta.time,
+        "step_time": meta.step_time,
+        "loss": values[layout.extra("loss")] if meta.has_loss else None,
+        "grad_norm_sq": grad_norm_sq,
+        "grad_norm_preclip": values[layout.extra("preclip_norm")] if meta.has_preclip else None,
+        "nonfinite_layers": nonfinite,
+        "skipped": meta.skipped or found_inf or guard_skipped,
+        "grads_kept": meta.grads_kept,
+        "loss_scale": values[layout.extra("loss_scale")] if meta.has_scale else None,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+        "scalars": scalars,
+    }
+    detail = None
+    if meta.detail:
+        detail = {
+            "layer_grad_sq": layer_grad_sq,
+            "layer_weight_sq": _unmeasured(values[layout.weight()], meta.frozen),
+            "layer_update_sq": _unmeasured(values[layout.update()], meta.frozen) if meta.with_updates else None,
+            "layer_frozen": meta.frozen,
+        }
+    # Every float written comes from `values`, the param groups or the scalars (time and
+    # step_time are finite): one sum says whether a NaN or an infinity is among them.
+    finite = math.isfinite(sum(values) + sum(lr) + sum(v for v in momentum if v is not None)
+                           + sum(v for v in weight_decay if v is not None) + sum(scalars.values()))
+    return protocol.EncodedRecord.build(fields, detail, finite)
+
+
+def _check(lr: list[float], scalars: dict[str, float]) -> None:
+    """What the collector would refuse, which a model would have caught here."""
+    if len(lr) > protocol.MAX_PARAM_GROUPS:
+        raise ValueError(f"{len(lr)} param groups: the protocol takes at most {protocol.MAX_PARAM_GROUPS}")
+    for name in scalars:
+        if not _scalar_name(name):
+            raise ValueError(f"logged value {name!r}: not a scalar name ({protocol.SCALAR_NAME_PATTERN})")
+
+
+_SCALAR_NAME = re.compile(protocol.SCALAR_NAME_PATTERN)
+
+
+@functools.lru_cache(maxsize=1024)  # a run logs the same few names at every step
+def _scalar_name(name: str) -> bool:
+    return _SCALAR_NAME.fullmatch(name) is not None
 
 
 def _unmeasured(values: list[float], frozen: tuple[int, ...]) -> list[float | None]:
@@ -187,6 +228,6 @@ class Recorder:
             return
         self._transport.submit(functools.partial(self._to_record, meta, pending))
 
-    def _to_record(self, meta: StepMeta, pending: Pending) -> protocol.StepRecord:
+    def _to_record(self, meta: StepMeta, pending: Pending) -> protocol.EncodedRecord:
         """Background thread: read the packed vector and build the wire record."""
         return build_record(meta, self._handoff.read(pending), self._measure.layout)

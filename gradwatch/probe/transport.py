@@ -40,12 +40,12 @@ from websockets.exceptions import (
 from websockets.sync.client import ClientConnection, connect
 
 from gradwatch import protocol
-from gradwatch.probe.outbox import Outbox
-from gradwatch.protocol import Action, Bye, Hello, Received, StepRecord
+from gradwatch.probe.outbox import Outbox, encode_frame
+from gradwatch.protocol import Action, Bye, EncodedRecord, Hello, Received
 
 log = logging.getLogger("gradwatch.probe")
 
-Job = Callable[[], StepRecord | None]
+Job = Callable[[], EncodedRecord | None]
 # Messages that ride between the records, in order, unconfirmed (see outbox.py).
 MESSAGES = (protocol.Ack, protocol.LRFind, protocol.Landscape)
 Message = protocol.Ack | protocol.LRFind | protocol.Landscape
@@ -308,7 +308,7 @@ class Transport:
                 frame = self._outbox.next_frame()
             if frame is None:
                 break
-            self._sink.send(protocol.encode(frame))
+            self._sink.send(encode_frame(frame))
             with self._lock:
                 self._outbox.sent(frame, confirmed=not self._sink.confirms)
         self._receive(wait=0.0)
