@@ -65,6 +65,22 @@ class CountingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
+class ReassigningMomentum(torch.optim.Optimizer):
+    """Puts a new momentum tensor in its state each step instead of updating it in place."""
+
+    def __init__(self, params: Any, lr: float = 0.05) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["buf"] = 0.9 * state.get("buf", torch.zeros_like(p)) + p.grad
+                    p.add_(state["buf"], alpha=-group["lr"])
+
+
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
@@ -73,6 +89,7 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5),
     "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
     "counting-sgd": lambda ps: CountingSGD(ps, lr=0.05),
+    "reassigning-momentum": lambda ps: ReassigningMomentum(ps),
 }
 
 

@@ -60,6 +60,8 @@ class _Saved:
 
     state_keys: dict[int, set[Any]] = field(default_factory=dict)  # id(param) -> state keys before
     host: list[_HostState] = field(default_factory=list)
+    # Where each copy came from, in the buffers' order: (None, param) or (state dict, key).
+    places: list[tuple[dict[Any, Any] | None, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -84,7 +86,6 @@ class SkipGuard:
         self._saved: _Saved | None = None
         self._kept_ids: list[tuple[int, torch.Size, torch.dtype, torch.device]] = []
         self._copies: list[torch.Tensor] = []
-        self._live: list[torch.Tensor] = []
         self._waiting: list[_Undo] = []
         # Made at the first flag sent home: a pinned allocation may synchronize, so never per step.
         self._host_flags: torch.Tensor | None = None
@@ -129,6 +130,7 @@ class SkipGuard:
         kept: list[torch.Tensor] = []  # parameters and device-resident state, in a fixed order
         for p in _params(optimizer):
             kept.append(p)
+            saved.places.append((None, p))
             state = optimizer.state.get(p, {})
             saved.state_keys[id(p)] = set(state)
             for key, value in state.items():
@@ -136,12 +138,12 @@ class SkipGuard:
                     saved.host.append(_HostState(state, key, _copy(value)))
                 elif isinstance(value, torch.Tensor):
                     kept.append(value)
+                    saved.places.append((state, key))
         ids = [(id(t), t.shape, t.dtype, t.device) for t in kept]
         if ids != self._kept_ids:  # the first step, or the optimizer created state: new buffers
             self._kept_ids = ids
             self._copies = [torch.empty_like(local(t)) for t in kept]
-        self._live = [local(t) for t in kept]
-        torch._foreach_copy_(self._copies, self._live)
+        torch._foreach_copy_(self._copies, [local(t) for t in kept])
         self._saved = saved
 
     # ---- after the step -----------------------------------------------------------------
@@ -173,8 +175,13 @@ class SkipGuard:
         if saved is None:
             return
         flags = _PerDevice(flag)
-        for live, copy in zip(self._live, self._copies):
-            torch.where(flags.on(live.device), copy, live, out=live)
+        for (holder, key), copy in zip(saved.places, self._copies):
+            # Read again: an optimizer may have put a new tensor in its state rather than
+            # update the old one in place.
+            live = key if holder is None else holder.get(key)
+            if isinstance(live, torch.Tensor) and local(live).shape == copy.shape:
+                live = local(live)
+                torch.where(flags.on(live.device), copy, live, out=live)
         for p in _params(optimizer):
             state = optimizer.state.get(p, {})
             for key in set(state) - saved.state_keys.get(id(p), set()):
