@@ -10,6 +10,8 @@ How a step is skipped without knowing on the host that it is:
   non-finite, or a spike (``SPIKE_FACTOR`` times the median of the recent norms);
 - `undo` puts the saved values back where the flag is set (``torch.where``, bit for bit),
   on each tensor's own device. State the step created is zeroed, as optimizers start it.
+  Tensors and numbers are taken back; state kept in other containers (LBFGS's history
+  lists) is not.
 
 State the optimizer keeps on the host while the flag lives on an accelerator (plain Adam's
 ``step`` counter is a CPU tensor; some optimizers keep Python numbers) cannot be masked on
