@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from overhead import print_table
 from workloads import GPT_SMALL, GPT_TINY, gpt_workload
 
 from gradwatch.collector.ready import wait_for_ready_file
@@ -226,14 +227,6 @@ def thread_costs(quick: bool, sink: str, steps: int) -> None:
 
 
 # ---- main ---------------------------------------------------------------------------------
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ the same on both ranks, sharded ones are partial squares that sum to the full no
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +37,23 @@ def _spawn(worker: Callable[..., None], mode: str, out: Path, results: str) -> N
             raise
 
 
-def _worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = TinyNet()
-        if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+def _model(mode: str, world: int) -> torch.nn.Module:
+    """The same TinyNet on every rank, under DDP or FSDP2."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def _worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = _model(mode, world)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         run = gradwatch.attach(model, opt, url=f"file:{out}/spool.jsonl", name=f"dist-{mode}", every=1)
         reference = []
@@ -93,18 +96,9 @@ def _guarded_worker(rank: int, world: int, port: int, mode: str, out: str) -> No
     """Rank 1's fourth batch is poisoned. Under DDP its NaN reaches every rank's averaged
     gradient; under FSDP2 only rank 1's shard holds it, and clip_grad_norm_'s global norm
     tells every rank."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     try:
-        torch.manual_seed(0)
-        model = TinyNet()
-        if mode == "ddp":
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        model = _model(mode, world)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         run = gradwatch.attach(model, opt, url=f"file:{out}/spool.jsonl", name=f"guard-{mode}", every=1, actions=True)
         from gradwatch import protocol
