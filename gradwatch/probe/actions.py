@@ -24,7 +24,6 @@ callable runs first.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import torch
 
 from gradwatch import protocol
 from gradwatch.errors import StopTraining
+from gradwatch.probe.wrapping import wrap_method
 
 log = logging.getLogger("gradwatch.probe")
 
@@ -143,26 +143,18 @@ class ActionState:
         return bool(self.skip_on & SPIKES)
 
 
-def guard_step(optimizer: torch.optim.Optimizer, at_boundary: Callable[[], None]) -> Callable[[], None]:
-    """Wraps `optimizer.step` (an instance attribute) so that `at_boundary()` runs before each
-    step; returns the function that unwraps it. `StopTraining` from the boundary propagates;
-    any other failure takes the step."""
-    original = optimizer.step
+def guard_step(optimizer: torch.optim.Optimizer, at_boundary: Callable[[], None],
+               live: Callable[[], bool]) -> Callable[[], None]:
+    """Wraps `optimizer.step` so that `at_boundary()` runs before each step while `live()`;
+    returns the function that unwraps it. `StopTraining` from the boundary propagates; any
+    other failure takes the step."""
 
-    @functools.wraps(original)  # keeps the marks LR schedulers put on optimizer.step
-    def step(*args: Any, **kwargs: Any) -> Any:
+    def before() -> None:
         try:
             at_boundary()
         except StopTraining:
             raise
         except Exception:  # the boundary must never be why a step fails
             log.exception("gradwatch: applying the collector's actions failed; this step is taken")
-        return original(*args, **kwargs)
 
-    optimizer.step = step  # type: ignore[method-assign]
-
-    def unwrap() -> None:
-        if vars(optimizer).get("step") is step:
-            del optimizer.step
-
-    return unwrap
+    return wrap_method(optimizer, "step", before, live)

@@ -56,6 +56,7 @@ from gradwatch.probe.measure import Measurer
 from gradwatch.probe.record import Recorder, StepMeta
 from gradwatch.probe.skip_guard import SkipGuard
 from gradwatch.probe.transport import Transport
+from gradwatch.probe.wrapping import wrap_method
 
 log = logging.getLogger("gradwatch.probe")
 
@@ -78,17 +79,6 @@ def _hook(method: F) -> F:
             log.exception("gradwatch: the probe hit an internal error and switched itself off; training continues")
 
     return torch.compiler.disable(guarded)  # type: ignore[return-value]
-
-
-def _live_update(update: Callable[..., Any] | None) -> Callable[..., Any] | None:
-    """The first of a chain of `scaler.update` wrappers that is not a detached run's (None:
-    the scaler's own method)."""
-    while update is not None:
-        owner, wrapped = getattr(update, "gradwatch_wrap", (None, None))
-        if owner is None or not owner._detached:
-            return update
-        update = wrapped
-    return None
 
 
 class Run:
@@ -195,7 +185,7 @@ class Run:
                                   self.scaler)
         self._handles: list[Any] = []
         self._grad_hook: Any = None  # the gradient hook of a run without an optimizer
-        self._scaler_wrap: Callable[..., Any] | None = None  # our scaler.update wrapper
+        self._unwrap_scaler: Callable[[], None] | None = None
         self._install_hooks(loss_fn)
         clip.subscribe(self)
         backward.subscribe(self)
@@ -273,13 +263,9 @@ class Run:
                 self._skip_guard.finish()  # a skipped step's host-side state, still on its way
             except Exception:  # the probe's own failure must never fail the caller
                 log.exception("gradwatch: settling the skip guard's last steps failed")
-        if self._scaler_wrap is not None and vars(self.scaler).get("update") is self._scaler_wrap:
-            # The outermost wrapper: put back what it wrapped, less detached runs' wrappers.
-            restore = _live_update(self._scaler_wrap)
-            if restore is None:
-                del self.scaler.update
-            else:
-                self.scaler.update = restore
+        if self._unwrap_scaler is not None:
+            self._unwrap_scaler()
+            self._unwrap_scaler = None
         clip.unsubscribe(self)
         backward.unsubscribe(self)
         atexit.unregister(self.detach)
@@ -322,7 +308,7 @@ class Run:
     def _step_boundary(self) -> None:
         """Before each optimizer step, with actions on: applies the actions due (acknowledged
         to the collector) and raises `StopTraining` for a stop (``stop="raise"``). An armed
-        skip guard acts in the step's hooks (`_guard_before`, `_guard_after`)."""
+        skip guard acts in the step's hooks (`SkipGuard.before_step`, `.after_step`)."""
         if self._actions.should_stop_now():
             raise StopTraining(self._actions.stopped_reason)
         for ack in self._actions.apply_due(self.step + 1):
@@ -339,21 +325,14 @@ class Run:
             self._handles.append(self.optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._after_step))
             if self._actions.enabled:
-                self._unguard_step = guard_step(self.optimizer, self._step_boundary)
+                self._unguard_step = guard_step(self.optimizer, self._step_boundary, self._live)
         else:
             self._hook_grads()
         if self.scaler is not None:
-            wrapped = vars(self.scaler).get("update")  # another run's wrapper, or None: the class's
-            original_update = self.scaler.update
+            self._unwrap_scaler = wrap_method(self.scaler, "update", self._before_scaler_update, self._live)
 
-            def update(*args: Any, **kwargs: Any) -> Any:
-                if not self._detached:  # stays in the chain when another run wrapped it after this one
-                    self._before_scaler_update()
-                return original_update(*args, **kwargs)
-
-            update.gradwatch_wrap = (self, wrapped)  # type: ignore[attr-defined]
-            self.scaler.update = update
-            self._scaler_wrap = update
+    def _live(self) -> bool:
+        return not self._detached
 
     def _hook_grads(self) -> None:
         """Without an optimizer: one hook over the measured tensors (a frozen tensor cannot
